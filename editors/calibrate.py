@@ -1,0 +1,194 @@
+"""Calibration: run the pipeline's own denoising loop and record layer-input statistics.
+
+Hooks are forward *pre*-hooks on the hooked ``nn.Linear`` layers, so the recorded input is the
+tensor the layer really sees (the GEGLU output for ``ff.net.2``), never recomputed. Sums are
+accumulated on the model's device in fp32 with no host transfer per call; the loop is stopped
+right before denoiser call ``tau`` and latents are never decoded.
+
+Example:
+    >>> from diffusers import StableDiffusionPipeline
+    >>> pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    >>> stats = calibrate(pipe, ["a photo of a naked man"], ["a photo of a man"], CalibrationConfig())
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from contextlib import ExitStack, nullcontext
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from .fingerprint import model_fingerprint
+from .hooks import HookedLayers, component_module, hooked_layers
+from .stats import ActivationStats, CalibrationConfig
+
+TARGET, REFERENCE = 0, 1
+_EPS_SQ = 1e-24  # squared-norm floor: an all-zero row contributes nothing instead of NaN
+
+
+class _StopDenoising(Exception):
+    """Raised by the denoiser pre-hook once the recorded steps are done."""
+
+
+class _Recorder:
+    """Per-layer fp32 sums ``[steps, 2, in_features]`` of squared, row-normalised inputs."""
+
+    def __init__(self, layers: HookedLayers, steps: int, device: torch.device) -> None:
+        self.steps = steps
+        self.sums = {
+            name: torch.zeros(steps, 2, module.in_features, dtype=torch.float32, device=device)
+            for name, module in layers.modules.items()
+        }
+        self.device = device
+        self.step = 0
+        self.calls = 0
+        self.row_sets = torch.zeros(0, dtype=torch.long, device=device)
+
+    def start_batch(self, sets: Sequence[int]) -> None:
+        self.row_sets = torch.tensor(list(sets), dtype=torch.long, device=self.device)
+        self.step = 0
+        self.calls = 0
+
+    def record(self, name: str, x: torch.Tensor) -> None:
+        rows, prompts = x.shape[0], self.row_sets.shape[0]
+        if rows % prompts:
+            raise RuntimeError(f"`{name}` got {rows} batch rows for {prompts} prompts")
+        # Guidance batches stack [unconditional rows, conditional rows]; both belong to the prompt.
+        sets = self.row_sets.repeat(rows // prompts)
+        squares = x.reshape(rows, -1, x.shape[-1]).to(torch.float32).square()
+        inverse_norms = squares.sum(-1, keepdim=True).clamp_min_(_EPS_SQ).reciprocal_()
+        per_row = torch.bmm(inverse_norms.transpose(1, 2), squares).squeeze(1)
+        self.sums[name][self.step].index_add_(0, sets, per_row)
+
+    def layer_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.record(name, args[0])
+
+        return hook
+
+    def denoiser_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.calls == self.steps:
+            raise _StopDenoising
+        self.step = self.calls
+        self.calls += 1
+
+
+def _check_prompts(kind: str, prompts: Sequence[str]) -> list[str]:
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError(f"no {kind} prompts")
+    for prompt in prompts:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{kind} prompts must be non-empty strings, got {prompt!r}")
+    return prompts
+
+
+def _pipeline_kwargs(pipe, config: CalibrationConfig) -> dict:
+    wanted = {
+        "num_inference_steps": config.num_inference_steps,
+        "guidance_scale": config.guidance_scale,
+        "output_type": "latent",  # no VAE decode, no safety checker
+        "height": config.height,
+        "width": config.width,
+        "clean_caption": False,
+    }
+    accepted = inspect.signature(pipe.__call__).parameters
+    return {key: value for key, value in wanted.items() if key in accepted and value is not None}
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return nullcontext(None)
+    return Progress(
+        TextColumn("calibrating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps x batches"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        transient=True,
+    )
+
+
+def calibrate(
+    pipe,
+    target_prompts: Sequence[str],
+    reference_prompts: Sequence[str],
+    config: CalibrationConfig = CalibrationConfig(),
+    *,
+    progress: bool = False,
+) -> ActivationStats:
+    """Record ConceptPrune statistics of ``pipe`` for target (concept) and reference prompts.
+
+    Every prompt starts from the noise of ``config.seed`` (one seeded CPU generator per batch
+    row), so batching changes results only by float rounding. For ``text_mlp`` the text encoder
+    runs once per prompt and a single "step" is recorded.
+
+    Returns:
+        ActivationStats with ``config.recorded_steps`` steps per layer.
+    """
+    targets = _check_prompts("target", target_prompts)
+    references = _check_prompts("reference", reference_prompts)
+    layers = hooked_layers(pipe, config.hook)
+    root = component_module(pipe, layers.component)
+    device = next(root.parameters()).device
+    recorder = _Recorder(layers, config.recorded_steps, device)
+    items = [(prompt, TARGET) for prompt in targets] + [(prompt, REFERENCE) for prompt in references]
+    batches = [items[i : i + config.batch_size] for i in range(0, len(items), config.batch_size)]
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+
+    with ExitStack() as stack:
+        for name, module in layers.modules.items():
+            stack.callback(module.register_forward_pre_hook(recorder.layer_hook(name)).remove)
+        bar = stack.enter_context(_progress(progress))
+        task = bar.add_task("calibrate", total=len(batches) * config.recorded_steps) if bar else None
+        if config.hook.uses_denoiser:
+            stack.callback(root.register_forward_pre_hook(recorder.denoiser_hook, with_kwargs=True).remove)
+            if bar is not None:
+                stack.callback(root.register_forward_hook(lambda *_: bar.advance(task)).remove)
+        for batch in batches:
+            prompts = [prompt for prompt, _ in batch]
+            recorder.start_batch([kind for _, kind in batch])
+            if config.hook.uses_denoiser:
+                _denoise(pipe, prompts, config, recorder)
+            else:
+                _encode(pipe, prompts, device)
+                if bar is not None:
+                    bar.advance(task)
+
+    sums = {name: value.cpu() for name, value in recorder.sums.items()}
+    return ActivationStats(
+        target={name: value[:, TARGET].contiguous() for name, value in sums.items()},
+        reference={name: value[:, REFERENCE].contiguous() for name, value in sums.items()},
+        config=config,
+        component=layers.component,
+        layer_shapes=layers.shapes(),
+        num_target_prompts=len(targets),
+        num_reference_prompts=len(references),
+        fingerprint=model_fingerprint(pipe),
+        component_params=sum(p.numel() for p in root.parameters()),
+    )
+
+
+def _denoise(pipe, prompts: list[str], config: CalibrationConfig, recorder: _Recorder) -> None:
+    generators = [torch.Generator("cpu").manual_seed(config.seed) for _ in prompts]
+    try:
+        pipe(prompt=prompts, generator=generators, **_pipeline_kwargs(pipe, config))
+    except _StopDenoising:
+        return
+    if recorder.calls < recorder.steps:
+        raise RuntimeError(f"the pipeline made {recorder.calls} denoiser calls, fewer than tau={recorder.steps}")
+
+
+@torch.inference_mode()
+def _encode(pipe, prompts: list[str], device: torch.device) -> None:
+    tokenizer = pipe.tokenizer
+    tokens = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    pipe.text_encoder(tokens.input_ids.to(device))

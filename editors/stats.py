@@ -1,0 +1,149 @@
+"""Activation statistics gathered by calibration: the input of the stored result of ConceptPrune.
+
+For a prompt set, step ``t`` and layer ``l``, the statistic is ``N[t, l, j] = sqrt(sum of x_j**2)``
+over every L2-normalised input row ``x`` of the layer (all tokens of all batch rows, the
+unconditional half of the guidance batch included). We keep the *sums of squares* (fp32): they
+add across prompt shards and processes, and ``norms()`` gives ``N``.
+
+Example:
+    >>> stats = calibrate(pipe, ["a naked man"], ["a man"], CalibrationConfig(tau=10))
+    >>> stats.target_norms()["mid_block.attentions.0.transformer_blocks.0.ff.net.2"].shape
+    torch.Size([10, 5120])
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .hooks import HookPoint
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Parameters of one calibration run (the paper's defaults).
+
+    Args:
+        hook: hook point whose layer inputs are recorded.
+        num_inference_steps: T, the denoising steps of the scheduler.
+        tau: statistics are kept for steps ``t < tau``; the loop stops after step ``tau - 1``.
+        guidance_scale: classifier-free guidance scale.
+        seed: every prompt starts from this seed's noise (a CPU generator per batch row).
+        batch_size: prompts per denoising call.
+        height / width: image size; ``None`` uses the pipeline default.
+    """
+
+    hook: HookPoint = HookPoint.FFN_OUT
+    num_inference_steps: int = 50
+    tau: int = 10
+    guidance_scale: float = 7.5
+    seed: int = 0
+    batch_size: int = 8
+    height: int | None = None
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hook", HookPoint(self.hook))
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if not 1 <= self.tau <= self.num_inference_steps:
+            raise ValueError(f"tau must be in [1, {self.num_inference_steps}] (T), got {self.tau}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+    @property
+    def recorded_steps(self) -> int:
+        """Steps with statistics: ``tau`` for denoiser hooks, 1 for the text encoder."""
+        return self.tau if self.hook.uses_denoiser else 1
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "hook": self.hook.value}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CalibrationConfig:
+        return cls(**data)
+
+
+@dataclass
+class ActivationStats:
+    """Per-layer sums of squares of normalised inputs, for the target and the reference prompts.
+
+    ``target[name]`` and ``reference[name]`` are fp32 tensors ``[steps, in_features]``.
+    ``header`` carries JSON-able provenance (hook point, component, configuration, fingerprint).
+    """
+
+    target: dict[str, torch.Tensor]
+    reference: dict[str, torch.Tensor]
+    config: CalibrationConfig
+    component: str
+    layer_shapes: dict[str, tuple[int, int]]
+    num_target_prompts: int
+    num_reference_prompts: int
+    fingerprint: str | None = None
+    component_params: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.target.keys() != self.reference.keys() or self.target.keys() != self.layer_shapes.keys():
+            raise ValueError("target, reference and layer_shapes must name the same layers")
+
+    @property
+    def steps(self) -> int:
+        """Number of recorded steps (the calibrated tau)."""
+        return next(iter(self.target.values())).shape[0]
+
+    def target_norms(self) -> dict[str, torch.Tensor]:
+        """``N*[t, j]``: square roots of the target sums of squares."""
+        return {name: value.sqrt() for name, value in self.target.items()}
+
+    def reference_norms(self) -> dict[str, torch.Tensor]:
+        """``N[t, j]``: square roots of the reference sums of squares."""
+        return {name: value.sqrt() for name, value in self.reference.items()}
+
+    def header(self) -> dict:
+        """JSON-able description of these statistics (everything but the tensors)."""
+        return {
+            "config": self.config.to_dict(),
+            "component": self.component,
+            "layer_shapes": {name: list(shape) for name, shape in self.layer_shapes.items()},
+            "num_target_prompts": self.num_target_prompts,
+            "num_reference_prompts": self.num_reference_prompts,
+            "fingerprint": self.fingerprint,
+            "component_params": self.component_params,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_header(cls, header: dict, target: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> ActivationStats:
+        return cls(
+            target=target,
+            reference=reference,
+            config=CalibrationConfig.from_dict(header["config"]),
+            component=header["component"],
+            layer_shapes={name: tuple(shape) for name, shape in header["layer_shapes"].items()},
+            num_target_prompts=header["num_target_prompts"],
+            num_reference_prompts=header["num_reference_prompts"],
+            fingerprint=header.get("fingerprint"),
+            component_params=header.get("component_params", 0),
+            extra=header.get("extra", {}),
+        )
+
+    def merged(self, other: ActivationStats) -> ActivationStats:
+        """Statistics of the union of both prompt sets (sums of squares add)."""
+        if self.layer_shapes != other.layer_shapes or self.config != other.config:
+            raise ValueError("can only merge statistics of the same layers and calibration configuration")
+        return ActivationStats(
+            target={n: v + other.target[n] for n, v in self.target.items()},
+            reference={n: v + other.reference[n] for n, v in self.reference.items()},
+            config=self.config,
+            component=self.component,
+            layer_shapes=self.layer_shapes,
+            num_target_prompts=self.num_target_prompts + other.num_target_prompts,
+            num_reference_prompts=self.num_reference_prompts + other.num_reference_prompts,
+            fingerprint=self.fingerprint,
+            component_params=self.component_params,
+            extra=self.extra,
+        )
