@@ -1,0 +1,465 @@
+"""The ``cpreg`` command line: thin typer commands over :class:`cpreg.workspace.Workspace`.
+
+Every command that reports something takes ``--json`` (one JSON object on stdout). Exit codes:
+0 success, 1 a user error (one line on stderr; ``--debug`` shows the traceback), 2 usage errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+# The CLI speaks for itself: library warnings (e.g. optional torchvision) only with --debug.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+from rich.table import Table
+
+from .catalog import CATALOG, KINDS, concept_from_files, load_concept_file
+from .editors import CalibrationConfig, Fill, HookPoint
+from .models import BUILTIN_MODELS, DEFAULT_MODEL
+from .serialize import to_jsonable
+
+_options: dict = {"home": None, "db_url": None, "debug": False}
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+#: Failures caused by the input or the environment: one line on stderr, exit code 1.
+USER_ERRORS = (ValueError, LookupError, OSError, RuntimeError)
+
+
+class _Group(TyperGroup):
+    """Turns a user error raised by any command into one line on stderr and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as error:
+            if _options["debug"]:
+                raise
+            text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error).strip()
+            err.print(f"error: {text.splitlines()[0] if text else type(error).__name__}", markup=False, highlight=False)
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                  pretty_exceptions_enable=False, help="ConceptPrune concept erasure with a versioned mask registry.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
+concepts_app = typer.Typer(no_args_is_help=True, help="The concept catalog and custom concepts.")
+masks_app = typer.Typer(no_args_is_help=True, help="Mask versions, tags and aliases.")
+releases_app = typer.Typer(no_args_is_help=True, help="Releases: unions of masks.")
+app.add_typer(db_app, name="db")
+app.add_typer(concepts_app, name="concepts")
+app.add_typer(masks_app, name="masks")
+app.add_typer(releases_app, name="releases")
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+@app.callback()
+def _main(
+    home: Annotated[Optional[Path], typer.Option(help="Workspace folder (default $CPREG_HOME or ./.cpreg).")] = None,
+    db_url: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the registry (default $CPREG_DB_URL).")] = None,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    _options.update(home=home, db_url=db_url, debug=debug)
+
+
+def _workspace():
+    from .workspace import Workspace
+
+    return Workspace(_options["home"], _options["db_url"])
+
+
+def _emit(as_json: bool, payload: dict, human) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(to_jsonable(payload), sort_keys=True) + "\n")
+    else:
+        human()
+
+
+def _table(title: str, columns: list[str], rows: list[list]) -> Table:
+    table = Table(title=title)
+    cells = [[str(cell) for cell in row] for row in rows]
+    for index, column in enumerate(columns):
+        widest = max([len(column)] + [len(row[index]) for row in cells])
+        table.add_column(column, no_wrap=widest <= 24, overflow="fold")  # long text folds, short never does
+    for row in cells:
+        table.add_row(*row)
+    return table
+
+
+def _mask_rows(masks) -> list[list]:
+    return [
+        [m.ref, m.hook, m.skill_ratio, m.tau, m.select_ratio, f"{m.masked_total:,}", f"{m.fraction:.4%}",
+         ",".join(m.aliases), ",".join(m.tags), f"{m.created_at:%Y-%m-%d %H:%M}"]
+        for m in masks
+    ]
+
+
+MASK_COLUMNS = ["ref", "hook", "skill_ratio", "tau", "select", "masked", "of weights", "aliases", "tags", "created"]
+
+
+# -- workspace and database -----------------------------------------------------------------
+
+
+@app.command()
+def init(as_json: JsonOption = False) -> None:
+    """Create the workspace (registry database at the current schema, artifact store)."""
+    with _workspace() as ws:
+        payload = {"home": ws.settings.home, "db_url": ws.settings.db_url, "artifact_uri": ws.settings.artifact_uri}
+    _emit(as_json, payload, lambda: out.print(f"cpreg workspace ready in {payload['home']}"))
+
+
+def _db_url() -> str:
+    from .workspace import Settings
+
+    settings = Settings.from_env(_options["home"], _options["db_url"])
+    if settings.db_url.startswith("sqlite:///"):
+        settings.home.mkdir(parents=True, exist_ok=True)
+    return settings.db_url
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head", as_json: JsonOption = False) -> None:
+    """Migrate the registry database to REVISION (default: head)."""
+    from .registry import current, upgrade
+
+    url = _db_url()
+    upgrade(url, revision)
+    _emit(as_json, {"revision": current(url)}, lambda: out.print(f"database at revision {current(url)}"))
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str, as_json: JsonOption = False) -> None:
+    """Migrate the registry database down to REVISION (``base`` empties it)."""
+    from .registry import current, downgrade
+
+    url = _db_url()
+    downgrade(url, revision)
+    _emit(as_json, {"revision": current(url)}, lambda: out.print(f"database at revision {current(url)}"))
+
+
+@db_app.command("current")
+def db_current(as_json: JsonOption = False) -> None:
+    """Print the database's schema revision and the newest one this cpreg knows."""
+    from .registry import current, head
+
+    url = _db_url()
+    payload = {"revision": current(url), "head": head()}
+    _emit(as_json, payload, lambda: out.print(f"database at {payload['revision']} (head: {payload['head']})"))
+
+
+# -- concepts -------------------------------------------------------------------------------
+
+
+@concepts_app.command("list")
+def concepts_list(as_json: JsonOption = False) -> None:
+    """The built-in catalog and the registered custom concepts."""
+    with _workspace() as ws:
+        registered = {c.name: c for c in ws.registry.list_concepts()}
+    rows = [{"name": s.name, "kind": s.kind, "pairs": len(s.pairs), "skill_ratio": s.skill_ratio,
+             "builtin": True, "description": s.description} for s in CATALOG.values()]
+    rows += [{"name": c.name, "kind": c.kind, "pairs": None, "skill_ratio": None, "builtin": False,
+              "description": c.description} for c in registered.values() if c.name not in CATALOG]
+    _emit(as_json, {"concepts": rows}, lambda: out.print(_table(
+        "concepts", ["name", "kind", "pairs", "skill_ratio", "built-in", "description"],
+        [[r["name"], r["kind"], r["pairs"] or "", r["skill_ratio"] or "", "yes" if r["builtin"] else "", r["description"]] for r in rows])))
+
+
+@concepts_app.command("show")
+def concepts_show(name: str, as_json: JsonOption = False) -> None:
+    """A concept's kind, default skill_ratio and prompt pairs."""
+    with _workspace() as ws:
+        spec = ws.concept_spec(name)
+    payload = {"name": spec.name, "kind": spec.kind, "description": spec.description, "skill_ratio": spec.skill_ratio,
+               "pairs": [{"target": t, "reference": r} for t, r in spec.pairs]}
+    _emit(as_json, payload, lambda: out.print(_table(
+        f"{spec.name} ({spec.kind}, skill_ratio {spec.skill_ratio})", ["target", "reference"], [list(p) for p in spec.pairs])))
+
+
+@concepts_app.command("add")
+def concepts_add(
+    name: Annotated[Optional[str], typer.Argument(help="Concept name (taken from the YAML file when omitted).")] = None,
+    target_prompts: Annotated[Optional[Path], typer.Option(help="File with one target prompt per line.")] = None,
+    reference_prompts: Annotated[Optional[Path], typer.Option(help="File with the matching reference prompts.")] = None,
+    file: Annotated[Optional[Path], typer.Option(help="One YAML file: name, kind, description, targets, references.")] = None,
+    kind: Annotated[str, typer.Option(help=f"One of {', '.join(KINDS)}.")] = "custom",
+    description: str = "",
+    as_json: JsonOption = False,
+) -> None:
+    """Register a custom concept from prompt files or one YAML file."""
+    if file is not None:
+        if target_prompts or reference_prompts:
+            raise ValueError("give either --file or --target-prompts/--reference-prompts, not both")
+        spec = load_concept_file(file)
+        if name and name != spec.name:
+            raise ValueError(f"the YAML file names the concept {spec.name!r}, not {name!r}")
+    else:
+        if not name or target_prompts is None:
+            raise ValueError("give NAME with --target-prompts (and --reference-prompts), or --file")
+        spec = concept_from_files(name, kind, target_prompts, reference_prompts, description)
+    with _workspace() as ws:
+        concept = ws.add_concept(spec)
+    _emit(as_json, {"concept": concept, "pairs": len(spec.pairs)},
+          lambda: out.print(f"added concept {concept.name} ({concept.kind}, {len(spec.pairs)} prompt pairs)"))
+
+
+# -- computing ------------------------------------------------------------------------------
+
+
+@app.command()
+def compute(
+    concept: str,
+    model: Annotated[Optional[str], typer.Option(help=f"Hub id, local folder or built-in ({', '.join(BUILTIN_MODELS)}); default $CPREG_MODEL or {DEFAULT_MODEL}.")] = None,
+    target_prompts: Annotated[Optional[Path], typer.Option(help="Override the concept's target prompts (file).")] = None,
+    reference_prompts: Annotated[Optional[Path], typer.Option(help="Override the reference prompts (file).")] = None,
+    skill_ratio: Annotated[Optional[float], typer.Option(help="Default: by the concept's kind (0.01 styles, 0.02 objects).")] = None,
+    timesteps: Annotated[int, typer.Option("--timesteps", help="tau: first denoising steps used.")] = 10,
+    steps: Annotated[int, typer.Option(help="T: denoising steps of the scheduler.")] = 50,
+    select_ratio: float = 0.0,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    batch_size: int = 8,
+    hook: Annotated[HookPoint, typer.Option(help="Layers to score and prune.")] = HookPoint.FFN_OUT,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 (statistics are always fp32).")] = "float32",
+    description: str = "",
+    as_json: JsonOption = False,
+) -> None:
+    """Calibrate CONCEPT on a base model, store the statistics and register a mask version."""
+    config = CalibrationConfig(hook=hook, num_inference_steps=steps, tau=timesteps, guidance_scale=guidance_scale,
+                               seed=seed, batch_size=batch_size)
+    with _workspace() as ws:
+        spec = ws.concept_spec(concept) if target_prompts is None else concept_from_files(
+            concept, ws.concept_spec(concept).kind if concept in CATALOG else "custom", target_prompts, reference_prompts)
+        if target_prompts is None and reference_prompts is not None:
+            raise ValueError("--reference-prompts needs --target-prompts")
+        mask = ws.compute(spec, model=model, config=config, skill_ratio=skill_ratio, select_ratio=select_ratio,
+                          dtype=dtype, device=device, progress=not as_json and err.is_terminal, description=description)
+    _emit(as_json, {"ref": mask.ref, "mask": mask}, lambda: out.print(
+        f"{mask.ref}: {mask.masked_total:,} weights ({mask.fraction:.4%} of the {mask.component})"))
+
+
+@app.command()
+def derive(
+    ref: str,
+    skill_ratio: Annotated[float, typer.Option(help="Fraction of each row's inputs in the top-k.")],
+    timesteps: Annotated[Optional[int], typer.Option("--timesteps", help="tau (default: the calibrated one).")] = None,
+    select_ratio: float = 0.0,
+    device: Annotated[Optional[str], typer.Option(help="Where to score (default cpu).")] = None,
+    description: str = "",
+    as_json: JsonOption = False,
+) -> None:
+    """A new mask version from the statistics stored for REF: no model run."""
+    with _workspace() as ws:
+        mask = ws.derive(ref, skill_ratio=skill_ratio, tau=timesteps, select_ratio=select_ratio, device=device,
+                         description=description)
+    _emit(as_json, {"ref": mask.ref, "mask": mask}, lambda: out.print(
+        f"{mask.ref}: {mask.masked_total:,} weights ({mask.fraction:.4%} of the {mask.component})"))
+
+
+# -- masks ----------------------------------------------------------------------------------
+
+
+@masks_app.command("list")
+def masks_list(concept: Optional[str] = None, tag: Optional[str] = None, as_json: JsonOption = False) -> None:
+    """Mask versions, newest last."""
+    with _workspace() as ws:
+        masks = ws.registry.list_masks(concept, tag=tag)
+    _emit(as_json, {"masks": masks}, lambda: out.print(_table("masks", MASK_COLUMNS, _mask_rows(masks))))
+
+
+@masks_app.command("show")
+def masks_show(ref: str, as_json: JsonOption = False) -> None:
+    """One mask version with its per-layer counts."""
+    with _workspace() as ws:
+        mask = ws.registry.resolve_mask(ref)
+
+    def human() -> None:
+        out.print(_table(mask.ref, MASK_COLUMNS, _mask_rows([mask])))
+        out.print(_table("masked weights per layer", ["layer", "masked"], [[k, f"{v:,}"] for k, v in mask.masked_per_layer.items()]))
+
+    _emit(as_json, {"ref": mask.ref, "mask": mask}, human)
+
+
+@masks_app.command("tag")
+def masks_tag(ref: str, tags: list[str], remove: Annotated[bool, typer.Option(help="Remove these tags instead.")] = False,
+              as_json: JsonOption = False) -> None:
+    """Add (or --remove) tags of a mask version."""
+    with _workspace() as ws:
+        mask = ws.registry.tag_mask(ref, [] if remove else tags, remove=tags if remove else [])
+    _emit(as_json, {"ref": mask.ref, "tags": mask.tags}, lambda: out.print(f"{mask.ref} tags: {', '.join(mask.tags) or '-'}"))
+
+
+@masks_app.command("alias")
+def masks_alias(ref: str, alias: str, as_json: JsonOption = False) -> None:
+    """Point ALIAS (e.g. ``prod``) at the mask version REF, moving it if it exists."""
+    with _workspace() as ws:
+        entry = ws.registry.set_alias(ref, alias)
+    _emit(as_json, {"ref": entry.ref, "alias": entry}, lambda: out.print(f"{entry.ref} -> {entry.concept}@{entry.mask_version}"))
+
+
+@masks_app.command("delete")
+def masks_delete(ref: str, as_json: JsonOption = False) -> None:
+    """Delete a mask version that no release uses (its artifact goes at the next ``gc``)."""
+    with _workspace() as ws:
+        mask = ws.registry.delete_mask(ref)
+    _emit(as_json, {"ref": mask.ref, "deleted": True}, lambda: out.print(f"deleted {mask.ref}"))
+
+
+# -- releases -------------------------------------------------------------------------------
+
+
+@app.command()
+def compose(
+    refs: Annotated[list[str], typer.Argument(help="Member masks, e.g. nudity@3 van-gogh@prod.")],
+    release: Annotated[str, typer.Option(help="Release name; a new version is created.")],
+    note: str = "",
+    as_json: JsonOption = False,
+) -> None:
+    """Compose masks into a release (their union)."""
+    with _workspace() as ws:
+        entry = ws.compose(release, refs, note)
+    _emit(as_json, {"ref": entry.ref, "release": entry}, lambda: out.print(
+        f"{entry.ref}: {', '.join(entry.members)} -> {entry.masked_total:,} weights"))
+
+
+def _release_rows(releases) -> list[list]:
+    return [[r.ref, ", ".join(r.members), f"{r.masked_total:,}", r.hook, r.notes, f"{r.created_at:%Y-%m-%d %H:%M}"] for r in releases]
+
+
+RELEASE_COLUMNS = ["ref", "members", "masked", "hook", "notes", "created"]
+
+
+@releases_app.command("list")
+def releases_list(as_json: JsonOption = False) -> None:
+    """Every release version."""
+    with _workspace() as ws:
+        releases = ws.registry.list_releases()
+    _emit(as_json, {"releases": releases}, lambda: out.print(_table("releases", RELEASE_COLUMNS, _release_rows(releases))))
+
+
+@releases_app.command("show")
+def releases_show(ref: str, as_json: JsonOption = False) -> None:
+    """One release version and its members."""
+    with _workspace() as ws:
+        entry = ws.registry.resolve_release(ref)
+    _emit(as_json, {"ref": entry.ref, "release": entry}, lambda: out.print(_table(entry.ref, RELEASE_COLUMNS, _release_rows([entry]))))
+
+
+@app.command()
+def diff(a: str, b: str, as_json: JsonOption = False) -> None:
+    """Per-layer counts and IoU of two masks or releases."""
+    with _workspace() as ws:
+        result = ws.registry.diff(a, b)
+    rows = [[name, row["a"], row["b"], row["both"], f"{row['iou']:.3f}"] for name, row in result["layers"].items()]
+    rows.append(["total", result["a"], result["b"], result["both"], f"{result['iou']:.3f}"])
+    _emit(as_json, {"a": a, "b": b, **result}, lambda: out.print(_table(f"{a} vs {b}", ["layer", "A", "B", "both", "IoU"], rows)))
+
+
+# -- using masks ----------------------------------------------------------------------------
+
+
+@app.command("export-mask")
+def export_mask(ref: str, path: Path, force: Annotated[bool, typer.Option(help="Overwrite PATH.")] = False,
+                as_json: JsonOption = False) -> None:
+    """Write a mask or a release's union as .npz, .safetensors (uint8) or .parquet (layer, row, col)."""
+    from .mask_export import write_mask_file
+
+    with _workspace() as ws:
+        entity = ws.resolve(ref)
+        written = write_mask_file(ws.load_mask(entity), path, overwrite=force)
+    _emit(as_json, {"ref": entity.ref, "path": written}, lambda: out.print(f"wrote {entity.ref} to {written}"))
+
+
+@app.command()
+def export(
+    ref: str,
+    out_dir: Path,
+    fill: Annotated[Fill, typer.Option(help="zero (the paper) or noise (hides pruned positions).")] = Fill.ZERO,
+    base: Annotated[Optional[str], typer.Option(help="Base model folder or id (default: the recorded one).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a complete diffusers pipeline folder with REF applied, and a model card."""
+    with _workspace() as ws:
+        entity = ws.resolve(ref)
+        folder = ws.export(entity.ref if hasattr(entity, "members") else ref, out_dir, base=base, fill=fill)
+    _emit(as_json, {"ref": entity.ref, "path": folder}, lambda: out.print(f"exported {entity.ref} to {folder}"))
+
+
+@app.command()
+def generate(
+    release: Annotated[str, typer.Option(help="Mask or release to compare with the base model.")],
+    prompt: Annotated[list[str], typer.Option(help="Prompt (repeat for several rows).")],
+    out_path: Annotated[Path, typer.Option("--out", help="PNG file to write.")],
+    seed: int = 0,
+    steps: int = 25,
+    guidance_scale: float = 7.5,
+    base: Optional[str] = None,
+    device: str = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Base and edited images side by side, same seed, as one PNG grid."""
+    from .grid import before_after_grid
+
+    if out_path.suffix.lower() != ".png":
+        raise ValueError(f"--out must be a .png file, got {str(out_path)!r}")
+    with _workspace() as ws:
+        entity = ws.resolve(release)
+        pipe = ws.base_pipeline(entity, base, device=device)
+        image = before_after_grid(pipe, ws.load_mask(entity), prompt, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                                  labels=("base", entity.ref))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out_path)
+    _emit(as_json, {"ref": entity.ref, "path": out_path, "prompts": prompt}, lambda: out.print(f"wrote {out_path}"))
+
+
+# -- integrity ------------------------------------------------------------------------------
+
+
+@app.command()
+def verify(as_json: JsonOption = False) -> None:
+    """Check every stored object's hash and every row's object; exit 1 on any problem."""
+    with _workspace() as ws:
+        problems = ws.registry.verify()
+    _emit(as_json, {"ok": not problems, "problems": [{"object": o, "problem": p} for o, p in problems]},
+          lambda: out.print("store verified: no problems") if not problems else out.print(
+              _table("problems", ["object", "problem"], [list(p) for p in problems])))
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def gc(yes: Annotated[bool, typer.Option("--yes", help="Delete (default: only list).")] = False, as_json: JsonOption = False) -> None:
+    """List (or with --yes delete) stored objects that no registry row references."""
+    with _workspace() as ws:
+        objects = ws.registry.gc(dry_run=not yes)
+    verb = "deleted" if yes else "would delete"
+    _emit(as_json, {"deleted": yes, "objects": objects}, lambda: out.print(f"{verb} {len(objects)} unreferenced objects"))
+
+
+@app.command()
+def log(limit: int = 20, as_json: JsonOption = False) -> None:
+    """The registry's event log, newest first."""
+    with _workspace() as ws:
+        events = ws.registry.events(limit)
+    _emit(as_json, {"events": events}, lambda: out.print(_table(
+        "events", ["at", "actor", "action", "subject"], [[f"{e.at:%Y-%m-%d %H:%M:%S}", e.actor, e.action, e.subject] for e in events])))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    app()

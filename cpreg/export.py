@@ -1,0 +1,39 @@
+"""Export an edited pipeline as a plain diffusers folder with a model card.
+
+The mask is applied through the same reversible edit as at load time, the pipeline is saved
+with safetensors, and the edit is restored, so the in-memory pipeline is unchanged afterwards.
+The folder is written under a temporary name and renamed at the end: an interrupted export
+leaves nothing at ``out_dir``.
+
+Example:
+    >>> export_pipeline(pipe, mask, "sd15-safe", card="# sd15-safe ...")
+    >>> DiffusionPipeline.from_pretrained("sd15-safe")
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from .editors import ConceptMask, Fill, apply_mask
+
+
+def export_pipeline(pipe, mask: ConceptMask, out_dir: str | Path, card: str, *, fill: Fill | str = Fill.ZERO, seed: int = 0) -> Path:
+    """Save ``pipe`` with ``mask`` applied to ``out_dir`` (must not exist or be empty) plus ``README.md``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"export target {str(out_dir)!r} exists and is not an empty folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        with apply_mask(pipe, mask, fill=fill, seed=seed):
+            pipe.save_pretrained(staging, safe_serialization=True)
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir

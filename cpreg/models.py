@@ -1,0 +1,118 @@
+"""Base models: resolve a model name to a loaded diffusers pipeline, offline-first.
+
+A model is one of:
+- a built-in tiny pipeline with random weights, built deterministically: ``tiny`` (SD
+  architecture), ``tiny-sdxl``, ``tiny-sd3``; nothing is downloaded;
+- a local folder written by ``save_pretrained``;
+- a Hugging Face hub id, taken from the local cache first, downloaded only when allowed.
+
+Weights are loaded with safetensors only (``use_safetensors=True``); pickled weights are refused.
+
+Example:
+    >>> pipe = load_base_pipeline("tiny")
+    >>> pipe = load_base_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", dtype="float16", device="cuda")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .tiny import build_tiny_pipeline
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+BUILTIN_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class ModelUnavailableError(ValueError):
+    """The model cannot be loaded here (not built in, not a folder, not in the cache, offline)."""
+
+
+def default_model() -> str:
+    """``$CPREG_MODEL`` or Stable Diffusion 1.5."""
+    return os.environ.get("CPREG_MODEL") or DEFAULT_MODEL
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16") from None
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``auto`` / ``None`` picks CUDA, then MPS, then the CPU."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def architecture_of(pipe) -> str:
+    """The pipeline class name, e.g. ``StableDiffusionPipeline``."""
+    return type(pipe).__name__
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+def load_base_pipeline(
+    model: str,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = "cpu",
+    revision: str | None = None,
+    **from_pretrained_kwargs,
+):
+    """Load ``model`` (see the module docstring) in ``dtype`` on ``device``.
+
+    Raises:
+        ModelUnavailableError: with one message naming the choices (folder, cache, built-in).
+    """
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    if model in BUILTIN_MODELS:
+        pipe = build_tiny_pipeline(BUILTIN_MODELS[model])
+    else:
+        pipe = _from_pretrained(model, revision, torch_dtype, from_pretrained_kwargs)
+    return pipe.to(device=torch_device, dtype=torch_dtype)
+
+
+def _from_pretrained(model: str, revision: str | None, torch_dtype: torch.dtype, kwargs: dict):
+    from diffusers import DiffusionPipeline
+
+    kwargs = {"torch_dtype": torch_dtype, "use_safetensors": True, **kwargs}
+    if Path(model).is_dir():
+        return DiffusionPipeline.from_pretrained(model, **kwargs)
+    if Path(model).exists() or model.startswith((".", "/")):
+        raise ModelUnavailableError(f"model folder {model!r} does not exist or is not a folder")
+    try:
+        return DiffusionPipeline.from_pretrained(model, revision=revision, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as cached_error:
+        if _offline():
+            raise _unavailable(model, cached_error) from None
+    try:
+        return DiffusionPipeline.from_pretrained(model, revision=revision, **kwargs)
+    except (OSError, ValueError) as error:
+        raise _unavailable(model, error) from None
+
+
+def _unavailable(model: str, error: Exception) -> ModelUnavailableError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelUnavailableError(
+        f"model {model!r} is not available here ({reason}); pass --model with a local diffusers folder, "
+        f"put the weights in the Hugging Face cache (huggingface-cli download {model}), "
+        f"or use a built-in model: {', '.join(BUILTIN_MODELS)}"
+    )

@@ -1,0 +1,289 @@
+"""The public Python API: a workspace wires the engine, the artifact store and the registry.
+
+A workspace lives in a home folder (``$CPREG_HOME``, default ``.cpreg`` in the current
+directory, like ``mlruns``) holding the SQLite registry and the object store, unless
+``$CPREG_DB_URL`` / ``$CPREG_ARTIFACT_URI`` point elsewhere.
+
+Example:
+    >>> ws = Workspace()
+    >>> mask = ws.compute("nudity", model="tiny", config=CalibrationConfig(num_inference_steps=5, tau=2))
+    >>> mask.ref
+    'nudity@1'
+    >>> release = ws.compose("safe-v1", ["nudity", "van-gogh@prod"])
+    >>> pipe, edit = ws.load_pipeline("safe-v1")
+    >>> edit.restore()
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+from .catalog import CATALOG, ConceptSpec, builtin_concept
+from .editors import (
+    CalibrationConfig,
+    ConceptMask,
+    Fill,
+    MaskEdit,
+    apply_mask,
+    calibrate,
+    derive_mask,
+    hooked_layers,
+    model_fingerprint,
+)
+from .export import export_pipeline
+from .models import architecture_of, default_model, load_base_pipeline
+from .registry import Mask, NotFoundError, Registry, Release
+from .registry.refs import validate_name
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where a workspace keeps its registry and artifacts."""
+
+    home: Path
+    db_url: str
+    artifact_uri: str
+
+    @classmethod
+    def from_env(cls, home: str | os.PathLike | None = None, db_url: str | None = None) -> Settings:
+        """``home`` / ``db_url`` override ``$CPREG_HOME`` / ``$CPREG_DB_URL``."""
+        home_path = Path(home or os.environ.get("CPREG_HOME") or ".cpreg").expanduser().absolute()
+        db = db_url or os.environ.get("CPREG_DB_URL") or f"sqlite:///{home_path / 'registry.db'}"
+        artifacts = os.environ.get("CPREG_ARTIFACT_URI") or str(home_path)
+        return cls(home_path, db, artifacts)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the numbers (recorded with every calibration)."""
+    versions = {}
+    for package in ("cpreg", "torch", "diffusers", "transformers"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+class Workspace:
+    """Calibrate, derive, compose, apply and export, recording everything in the registry."""
+
+    def __init__(self, home: str | os.PathLike | None = None, db_url: str | None = None, *, actor: str | None = None) -> None:
+        self.settings = Settings.from_env(home, db_url)
+        if self.settings.db_url.startswith("sqlite:///"):
+            try:
+                self.settings.home.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ValueError(f"cannot create the cpreg home {str(self.settings.home)!r}: {error.strerror}") from None
+            if not os.access(self.settings.home, os.W_OK):
+                raise ValueError(f"the cpreg home {str(self.settings.home)!r} is not writable")
+        self.registry = Registry(self.settings.db_url, self.settings.artifact_uri, actor=actor)
+
+    def close(self) -> None:
+        self.registry.close()
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- concepts ---------------------------------------------------------------------------
+
+    def concept_spec(self, name: str) -> ConceptSpec:
+        """A registered custom concept (with its prompts), else the built-in catalog entry."""
+        try:
+            concept = self.registry.get_concept(name)
+        except NotFoundError:
+            return builtin_concept(name)
+        if concept.prompt_set_id is None:
+            return builtin_concept(name)
+        prompts = self.registry.get_prompt_set(concept.prompt_set_id)
+        return ConceptSpec(concept.name, concept.kind, concept.description, tuple(zip(prompts.targets, prompts.references)))
+
+    def add_concept(self, spec: ConceptSpec):
+        """Register a custom concept and its prompts (a name of the built-in catalog is refused)."""
+        validate_name(spec.name)
+        if spec.name in CATALOG:
+            raise ValueError(f"{spec.name!r} is a built-in concept; choose another name")
+        prompts = self.registry.ensure_prompt_set(spec.targets, spec.references)
+        return self.registry.add_concept(spec.name, spec.kind, spec.description, prompt_set=prompts)
+
+    def _ensure_concept(self, spec: ConceptSpec):
+        try:
+            return self.registry.get_concept(spec.name)
+        except NotFoundError:
+            return self.registry.add_concept(spec.name, spec.kind, spec.description)
+
+    # -- computing masks --------------------------------------------------------------------
+
+    def compute(
+        self,
+        concept: str | ConceptSpec,
+        *,
+        model: str | None = None,
+        config: CalibrationConfig = CalibrationConfig(),
+        skill_ratio: float | None = None,
+        select_ratio: float = 0.0,
+        dtype: str = "float32",
+        device: str | None = "auto",
+        progress: bool = False,
+        description: str = "",
+        dvc_stage: str | None = None,
+        git_rev: str | None = None,
+        reuse_existing: bool = False,
+        pipe=None,
+    ) -> Mask:
+        """Calibrate ``concept`` on ``model``, store the statistics and register a mask version.
+
+        ``pipe`` may pass an already loaded pipeline of ``model`` (it is not modified).
+        """
+        spec = concept if isinstance(concept, ConceptSpec) else self.concept_spec(concept)
+        validate_name(spec.name)
+        skill_ratio = spec.skill_ratio if skill_ratio is None else skill_ratio
+        if not 0.0 < skill_ratio <= 1.0:
+            raise ValueError(f"skill_ratio must be in (0, 1], got {skill_ratio}")
+        if not 0.0 <= select_ratio < 1.0:
+            raise ValueError(f"select_ratio must be in [0, 1), got {select_ratio}")
+        model = model or default_model()
+        pipe = pipe if pipe is not None else load_base_pipeline(model, dtype=dtype, device=device)
+        started = time.perf_counter()
+        stats = calibrate(pipe, spec.targets, spec.references, config, progress=progress)
+        duration = time.perf_counter() - started
+        layers = hooked_layers(pipe, config.hook)
+        mask = derive_mask(stats, {n: m.weight for n, m in layers.modules.items()}, skill_ratio, select_ratio=select_ratio)
+        base = self.registry.ensure_base_model(model, stats.fingerprint, architecture=architecture_of(pipe))
+        concept_row = self._ensure_concept(spec)
+        prompts = self.registry.ensure_prompt_set(spec.targets, spec.references)
+        parameter = next(iter(layers.modules.values())).weight
+        calibration = self.registry.add_calibration(
+            stats,
+            base,
+            prompts,
+            dtype=str(parameter.dtype).removeprefix("torch."),
+            device=str(parameter.device),
+            duration_s=duration,
+            library_versions=library_versions(),
+            dvc_stage=dvc_stage,
+            git_rev=git_rev,
+        )
+        return self.registry.add_mask(
+            concept_row, mask, base, calibration,
+            description=description, dvc_stage=dvc_stage, git_rev=git_rev, reuse_existing=reuse_existing,
+        )
+
+    def derive(
+        self,
+        ref: str,
+        *,
+        skill_ratio: float,
+        tau: int | None = None,
+        select_ratio: float = 0.0,
+        device: str | None = None,
+        description: str = "",
+        dvc_stage: str | None = None,
+        git_rev: str | None = None,
+        reuse_existing: bool = False,
+    ) -> Mask:
+        """A new mask version from the statistics stored for ``ref``'s calibration: no model run.
+
+        The base model's weights are loaded (on the CPU) to score; their fingerprint must match.
+        """
+        source = self.registry.resolve_mask(ref)
+        if source.calibration_id is None:
+            raise ValueError(f"{source.ref} has no stored calibration to derive from")
+        calibration = self.registry.get_calibration(source.calibration_id)
+        stats = self.registry.load_stats(calibration)
+        pipe = self.base_pipeline(source)
+        layers = hooked_layers(pipe, calibration.hook)
+        mask = derive_mask(
+            stats,
+            {n: m.weight for n, m in layers.modules.items()},
+            skill_ratio,
+            tau=tau,
+            select_ratio=select_ratio,
+            device=device,
+        )
+        return self.registry.add_mask(
+            source.concept, mask, source.base_model_fingerprint, calibration,
+            description=description, dvc_stage=dvc_stage, git_rev=git_rev, reuse_existing=reuse_existing,
+        )
+
+    def compose(self, name: str, refs: list[str], notes: str = "") -> Release:
+        """A new version of release ``name``: the union of the masks ``refs``."""
+        return self.registry.compose(name, refs, notes)
+
+    # -- using masks ------------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> Mask | Release:
+        return self.registry.resolve(ref)
+
+    def load_mask(self, ref: str | Mask | Release) -> ConceptMask:
+        """The verified mask of a mask version or a release's union."""
+        return self.registry.load(ref)
+
+    def base_pipeline(self, ref: str | Mask | Release, base: str | None = None, *, dtype: str = "float32",
+                      device: str | None = "cpu", **from_pretrained_kwargs):
+        """Load the base model recorded for ``ref`` (or ``base``) and check its fingerprint."""
+        entity = ref if isinstance(ref, (Mask, Release)) else self.registry.resolve(ref)
+        model = base or self.registry.get_base_model(entity.base_model_fingerprint).name
+        pipe = load_base_pipeline(model, dtype=dtype, device=device, **from_pretrained_kwargs)
+        self._check_fingerprint(pipe, entity, model)
+        return pipe
+
+    def _check_fingerprint(self, pipe, entity: Mask | Release, model: str) -> None:
+        if str(next(pipe.components["text_encoder"].parameters()).dtype) == "torch.bfloat16" if "text_encoder" in pipe.components else False:
+            return  # bf16 weights round differently: names and shapes are still checked on apply
+        found = model_fingerprint(pipe)
+        if found != entity.base_model_fingerprint:
+            raise ValueError(
+                f"{entity.ref} was made on base model {entity.base_model_fingerprint[:23]}..., "
+                f"but {model!r} has fingerprint {found[:23]}..."
+            )
+
+    def apply(self, pipe, ref: str | Mask | Release, *, fill: Fill | str = Fill.ZERO, seed: int = 0) -> MaskEdit:
+        """Apply a mask or release to a loaded pipeline; ``restore()`` (or ``with``) undoes it."""
+        return apply_mask(pipe, self.load_mask(ref), fill=fill, seed=seed)
+
+    def load_pipeline(self, ref: str, base: str | None = None, *, fill: Fill | str = Fill.ZERO,
+                      dtype: str = "float32", device: str | None = "auto", **from_pretrained_kwargs):
+        """The base model of ``ref`` with its mask applied: ``(pipe, edit)``."""
+        pipe = self.base_pipeline(ref, base, dtype=dtype, device=device, **from_pretrained_kwargs)
+        return pipe, self.apply(pipe, ref, fill=fill)
+
+    def export(self, ref: str, out_dir: str | os.PathLike, *, base: str | None = None, fill: Fill | str = Fill.ZERO) -> Path:
+        """Write a plain diffusers pipeline folder with ``ref`` applied and a model card."""
+        entity = self.registry.resolve(ref)
+        mask = self.load_mask(entity)
+        pipe = self.base_pipeline(entity, base)
+        return export_pipeline(pipe, mask, out_dir, self.model_card(entity, fill=Fill(fill)), fill=fill)
+
+    def model_card(self, entity: Mask | Release, *, fill: Fill = Fill.ZERO) -> str:
+        """README.md of an exported pipeline: erased concepts, versions, parameters, lineage."""
+        members = [self.registry.resolve_mask(ref) for ref in entity.members] if isinstance(entity, Release) else [entity]
+        base = self.registry.get_base_model(entity.base_model_fingerprint)
+        lines = [
+            f"# {base.name} with {entity.ref} erased",
+            "",
+            "Edited with [cpreg](https://github.com/) (ConceptPrune, arXiv 2405.19237): skilled neurons of the",
+            f"`{entity.hook}` layers were {'zeroed' if fill is Fill.ZERO else 'overwritten with small Gaussian noise'}.",
+            "",
+            f"- base model: `{base.name}` (fingerprint `{base.fingerprint}`, architecture {base.architecture})",
+            f"- {'release' if isinstance(entity, Release) else 'mask'}: `{entity.ref}`, {entity.masked_total:,} weights pruned",
+            "",
+            "| concept | mask | skill_ratio | tau | select_ratio | weights | calibration | created |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for mask in members:
+            lines.append(
+                f"| {mask.concept} | {mask.ref} | {mask.skill_ratio} | {mask.tau} | {mask.select_ratio} | "
+                f"{mask.masked_total:,} | #{mask.calibration_id} | {mask.created_at:%Y-%m-%d} by {mask.created_by} |"
+            )
+        if isinstance(entity, Release) and entity.notes:
+            lines += ["", f"Notes: {entity.notes}"]
+        return "\n".join(lines) + "\n"
