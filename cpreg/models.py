@@ -85,9 +85,11 @@ def load_base_pipeline(
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     if model in BUILTIN_MODELS:
         pipe = build_tiny_pipeline(BUILTIN_MODELS[model])
+        if torch_dtype != torch.float32:
+            pipe.to(dtype=torch_dtype)
     else:
         pipe = _from_pretrained(model, revision, torch_dtype, from_pretrained_kwargs)
-    return pipe.to(device=torch_device, dtype=torch_dtype)
+    return pipe.to(torch_device)
 
 
 def _from_pretrained(model: str, revision: str | None, torch_dtype: torch.dtype, kwargs: dict):
