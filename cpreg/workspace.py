@@ -265,7 +265,7 @@ class Workspace:
 
     def model_card(self, entity: Mask | Release, *, fill: Fill = Fill.ZERO) -> str:
         """README.md of an exported pipeline: erased concepts, versions, parameters, lineage."""
-        members = [self.registry.resolve_mask(ref) for ref in entity.members] if isinstance(entity, Release) else [entity]
+        members = self.registry.release_members(entity) if isinstance(entity, Release) else [entity]
         base = self.registry.get_base_model(entity.base_model_fingerprint)
         lines = [
             f"# {base.name} with {entity.ref} erased",

@@ -1,0 +1,168 @@
+"""Schema and migrations: the shipped Alembic scripts build exactly the ORM schema, both ways."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from cpreg.registry import Registry, SchemaError, current, downgrade, head, migrate, upgrade
+from cpreg.registry.db import make_engine
+from cpreg.registry.orm import Base
+
+from registry_support import FP_A, db_url, drop_database, make_mask, open_registry, sqlite_only
+
+TABLES = {
+    "aliases",
+    "base_models",
+    "calibrations",
+    "concepts",
+    "events",
+    "mask_version_counters",
+    "masks",
+    "prompt_sets",
+    "release_members",
+    "releases",
+}
+
+
+@pytest.fixture(autouse=True)
+def _drop_test_database(tmp_path):
+    yield
+    drop_database(tmp_path)
+
+
+def _diff(url: str) -> list:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            return compare_metadata(context, Base.metadata)
+    finally:
+        engine.dispose()
+
+
+def _tables(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return set(inspect(connection).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_migrated_database_matches_orm_and_downgrades(tmp_path):
+    url = db_url(tmp_path)
+    assert current(url) is None
+    upgrade(url)
+    assert current(url) == head() == "0001"
+    assert _tables(url) == TABLES | {"alembic_version"}
+    assert _diff(url) == []
+
+    downgrade(url, "base")
+    assert current(url) is None
+    assert _tables(url) == {"alembic_version"}
+
+    upgrade(url)
+    assert current(url) == head()
+    assert _diff(url) == []
+
+
+@sqlite_only
+def test_migrations_run_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no alembic.ini here: the script location is the installed package
+    assert not (tmp_path / "alembic.ini").exists()
+    upgrade("sqlite:///relative.db")
+    assert current("sqlite:///relative.db") == head()
+    assert (tmp_path / "relative.db").is_file()
+
+
+def test_registry_upgrades_only_a_new_database(tmp_path):
+    with pytest.raises(SchemaError, match="cpreg db upgrade"):
+        open_registry(tmp_path, auto_upgrade=False)
+    reg = open_registry(tmp_path)
+    assert current(db_url(tmp_path)) == head()
+    reg.close()
+    # A fully downgraded database (only Alembic's empty version table) counts as new.
+    downgrade(db_url(tmp_path), "base")
+    open_registry(tmp_path).close()
+    assert current(db_url(tmp_path)) == head()
+
+
+def test_registry_refuses_a_database_behind_or_ahead(tmp_path, monkeypatch):
+    url = db_url(tmp_path)
+    upgrade(url)
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = :rev"), {"rev": "ffff"})
+    engine.dispose()
+    with pytest.raises(SchemaError, match="unknown to this cpreg"):
+        open_registry(tmp_path)
+    engine = make_engine(url)
+
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = :rev"), {"rev": "0001"})
+    engine.dispose()
+    # Pretend this cpreg ships a newer revision 0002: the database is behind, never auto-upgraded.
+    monkeypatch.setattr(migrate, "head", lambda: "0002")
+    monkeypatch.setattr(migrate, "known_revisions", lambda: {"0001", "0002"})
+    with pytest.raises(SchemaError, match=r"revision 0001, this cpreg needs 0002: run `cpreg db upgrade`"):
+        open_registry(tmp_path)
+
+
+def test_registry_refuses_a_foreign_database(tmp_path):
+    engine = create_engine(db_url(tmp_path))
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE something (id INTEGER PRIMARY KEY)"))
+    engine.dispose()
+    with pytest.raises(SchemaError, match="not a cpreg registry database"):
+        open_registry(tmp_path)
+
+
+@sqlite_only
+def test_sqlite_connection_settings(tmp_path):
+    engine = make_engine(db_url(tmp_path))
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+    engine.dispose()
+
+
+def test_in_memory_database(tmp_path):
+    from cpreg.artifacts import ObjectStore
+
+    with Registry("sqlite://", ObjectStore(str(tmp_path / "store"))) as reg:
+        model = reg.ensure_base_model("tiny", FP_A)
+        reg.add_concept("nudity", "nudity")
+        assert reg.add_mask("nudity", make_mask(0), model).ref == "nudity@1"
+
+
+def test_schema_is_portable_to_postgresql():
+    """The migrations render for PostgreSQL (offline) and the ORM compiles for it: no SQLite-only SQL."""
+    cfg = migrate.make_config("postgresql://cpreg@localhost/cpreg")
+    out = io.StringIO()
+    cfg.stdout = out
+    cfg.output_buffer = out
+    with contextlib.redirect_stdout(out):
+        command.upgrade(cfg, "head", sql=True)
+        command.downgrade(cfg, "0001:base", sql=True)
+    sql = out.getvalue()
+    for table in TABLES:
+        assert f"CREATE TABLE {table} " in sql
+        assert f"DROP TABLE {table};" in sql
+    assert "TIMESTAMP WITH TIME ZONE" in sql and "JSON" in sql
+    assert "sqlite" not in sql.lower() and "AUTOINCREMENT" not in sql and "PRAGMA" not in sql
+
+    dialect = postgresql.dialect()
+    for table in Base.metadata.sorted_tables:
+        str(CreateTable(table).compile(dialect=dialect))
+        for index in table.indexes:
+            str(CreateIndex(index).compile(dialect=dialect))
