@@ -88,6 +88,20 @@ def _vae(latent_channels: int = 4) -> AutoencoderKL:
     )
 
 
+_UNET_COMMON = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "norm_num_groups": 16,
+}
+
+
+def _ddim() -> DDIMScheduler:
+    return DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
 def build_tiny_pipeline(architecture: str = "sd", seed: int = 0):
     """A randomly initialised pipeline of ``architecture`` (``sd``, ``sdxl`` or ``sd3``) on the CPU."""
     if architecture not in ARCHITECTURES:
@@ -97,34 +111,25 @@ def build_tiny_pipeline(architecture: str = "sd", seed: int = 0):
         tokenizer = write_tiny_tokenizer(folder)
     if architecture == "sd":
         unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
+            **_UNET_COMMON,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32,
             attention_head_dim=8,
-            norm_num_groups=16,
         )
         return StableDiffusionPipeline(
             vae=_vae(),
             text_encoder=CLIPTextModel(_text_config(tokenizer)),
             tokenizer=tokenizer,
             unet=unet,
-            scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+            scheduler=_ddim(),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
     if architecture == "sdxl":
         unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
+            **_UNET_COMMON,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4),
@@ -134,7 +139,6 @@ def build_tiny_pipeline(architecture: str = "sd", seed: int = 0):
             transformer_layers_per_block=(1, 2),
             projection_class_embeddings_input_dim=80,  # 6 * 8 time ids + 32 pooled text
             cross_attention_dim=64,
-            norm_num_groups=16,
         )
         return StableDiffusionXLPipeline(
             vae=_vae(),
@@ -143,7 +147,7 @@ def build_tiny_pipeline(architecture: str = "sd", seed: int = 0):
             tokenizer=tokenizer,
             tokenizer_2=tokenizer,
             unet=unet,
-            scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+            scheduler=_ddim(),
         )
     transformer = SD3Transformer2DModel(
         sample_size=16,
