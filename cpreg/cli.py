@@ -19,10 +19,19 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
-from .catalog import CATALOG, KINDS, concept_from_files, load_concept_file
+from .artifacts import ArtifactFormatError
+from .catalog import (
+    CATALOG,
+    KINDS,
+    ConceptSpec,
+    builtin_concept,
+    concept_from_files,
+    load_concept_file,
+)
 from .editors import CalibrationConfig, Fill, HookPoint
 from .models import BUILTIN_MODELS, DEFAULT_MODEL
 from .serialize import to_jsonable
@@ -63,6 +72,13 @@ app.add_typer(releases_app, name="releases")
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
+DvcStageOption = Annotated[Optional[str], typer.Option(
+    "--dvc-stage", envvar="DVC_STAGE", show_envvar=False,
+    help="DVC stage recorded with the registry rows (default: $DVC_STAGE, which `dvc repro` sets).")]
+PromptsOption = Annotated[Optional[str], typer.Option(
+    help="`catalog` (CONCEPT's built-in prompt pairs) or a concept YAML file (name, kind, targets, references); "
+         "default: CONCEPT's registered prompts, else the catalog.")]
 
 
 @app.callback()
@@ -89,7 +105,7 @@ def _emit(as_json: bool, payload: dict, human) -> None:
 
 def _table(title: str, columns: list[str], rows: list[list]) -> Table:
     table = Table(title=title)
-    cells = [[str(cell) for cell in row] for row in rows]
+    cells = [[escape(str(cell)) for cell in row] for row in rows]  # text, never rich markup
     for index, column in enumerate(columns):
         widest = max([len(column)] + [len(row[index]) for row in cells])
         table.add_column(column, no_wrap=widest <= 24, overflow="fold")  # long text folds, short never does
@@ -268,6 +284,120 @@ def derive(
         f"{mask.ref}: {mask.masked_total:,} weights ({mask.fraction:.4%} of the {mask.component})"))
 
 
+# -- the file-based steps of the DVC pipeline (dvc.yaml) -------------------------------------
+
+
+def _concept_source(ws, concept: str, prompts: Optional[str]) -> ConceptSpec:
+    """CONCEPT's prompts: registered or built-in (default), the catalog only, or a concept YAML file."""
+    if prompts is None:
+        return ws.concept_spec(concept)
+    if prompts == "catalog":
+        return builtin_concept(concept)
+    spec = load_concept_file(prompts)
+    if spec.name != concept:
+        raise ValueError(f"the concept file {prompts!r} names the concept {spec.name!r}, not {concept!r}")
+    return spec
+
+
+def _provenance(dvc_stage: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """The DVC stage (checked) and the git revision of the current directory."""
+    from .workspace import git_revision
+
+    if dvc_stage is not None and len(dvc_stage) > 256:
+        raise ValueError("--dvc-stage must have at most 256 characters")
+    return dvc_stage or None, git_revision()
+
+
+@app.command("calibrate")
+def calibrate_command(
+    concept: str,
+    prompts: PromptsOption = None,
+    model: Annotated[Optional[str], typer.Option(help=f"Hub id, local folder or built-in ({', '.join(BUILTIN_MODELS)}); default $CPREG_MODEL or {DEFAULT_MODEL}.")] = None,
+    timesteps: Annotated[int, typer.Option("--timesteps", help="tau: first denoising steps recorded.")] = 10,
+    steps: Annotated[int, typer.Option(help="T: denoising steps of the scheduler.")] = 50,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    batch_size: int = 8,
+    hook: Annotated[HookPoint, typer.Option(help="Layers to score and prune.")] = HookPoint.FFN_OUT,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 (statistics are always fp32).")] = "float32",
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="Also write the statistics to this .safetensors file.")] = None,
+    force: ForceOption = False,
+    recompute: Annotated[bool, typer.Option(help="Run the model even if the registry holds a calibration of the same inputs.")] = False,
+    dvc_stage: DvcStageOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Calibrate CONCEPT and register the calibration (no mask); --out writes the statistics file.
+
+    Idempotent: a calibration of the same model, prompts and settings already in the registry is
+    reused (no model run, unless --recompute), and identical statistics are one registry row.
+    """
+    from .pipeline import check_output, write_output
+
+    config = CalibrationConfig(hook=hook, num_inference_steps=steps, tau=timesteps, guidance_scale=guidance_scale,
+                               seed=seed, batch_size=batch_size)
+    if out_path is not None:
+        check_output(out_path, (".safetensors",), force=force)
+    dvc_stage, git_rev = _provenance(dvc_stage)
+    with _workspace() as ws:
+        spec = _concept_source(ws, concept, prompts)
+        result = ws.calibrate(spec, model=model, config=config, dtype=dtype, device=device, reuse=not recompute,
+                              progress=not as_json and err.is_terminal, dvc_stage=dvc_stage, git_rev=git_rev)
+    if out_path is not None:
+        write_output(out_path, result.data)
+    cal = result.calibration
+    payload = {"concept": spec.name, "calibration": cal, "stats_oid": cal.stats_oid, "reused": result.reused,
+               "path": out_path}
+    how = "reused from the registry" if result.reused else f"computed in {cal.duration_s:.1f} s"
+    _emit(as_json, payload, lambda: out.print(
+        f"{spec.name}: calibration #{cal.id} ({how}), statistics {cal.stats_oid[:12]}"
+        + (f" written to {out_path}" if out_path is not None else ""), soft_wrap=True, markup=False))
+
+
+@app.command("mask")
+def mask_command(
+    concept: str,
+    stats: Annotated[Path, typer.Option(help="Statistics file written by `cpreg calibrate --out`.")],
+    prompts: PromptsOption = None,
+    model: Annotated[Optional[str], typer.Option(help="Base model the statistics were calibrated on (default: the registered one, else $CPREG_MODEL).")] = None,
+    skill_ratio: Annotated[Optional[float], typer.Option(help="Default: by the concept's kind (0.01 styles, 0.02 objects).")] = None,
+    timesteps: Annotated[Optional[int], typer.Option("--timesteps", help="tau (default: the calibrated one).")] = None,
+    select_ratio: float = 0.0,
+    device: Annotated[Optional[str], typer.Option(help="Where to score (default cpu).")] = None,
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="Also write the mask to this .parquet file (the registry's format).")] = None,
+    force: ForceOption = False,
+    description: str = "",
+    dvc_stage: DvcStageOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Derive CONCEPT's mask from a statistics file (no model run) and register it.
+
+    Idempotent: a mask version with the same content is reused, not duplicated. The base model's
+    weights are loaded (CPU) to score, and its fingerprint must be the statistics'.
+    """
+    from .pipeline import check_output, read_input, write_output
+
+    if out_path is not None:
+        check_output(out_path, (".parquet",), force=force)
+    data = read_input(stats, "statistics file")
+    dvc_stage, git_rev = _provenance(dvc_stage)
+    with _workspace() as ws:
+        spec = _concept_source(ws, concept, prompts)
+        try:
+            result = ws.mask_from_stats(spec, data, model=model, skill_ratio=skill_ratio, tau=timesteps,
+                                        select_ratio=select_ratio, device=device, description=description,
+                                        dvc_stage=dvc_stage, git_rev=git_rev, source=f"the statistics in {str(stats)!r}")
+        except ArtifactFormatError as error:
+            raise ValueError(f"{str(stats)!r} is not a valid statistics file: {error}") from None
+    if out_path is not None:
+        write_output(out_path, result.data)
+    mask = result.mask
+    payload = {"ref": mask.ref, "mask": mask, "reused": result.reused, "path": out_path}
+    _emit(as_json, payload, lambda: out.print(
+        f"{mask.ref}{' (existing version)' if result.reused else ''}: {mask.masked_total:,} weights "
+        f"({mask.fraction:.4%} of the {mask.component})" + (f", written to {out_path}" if out_path is not None else ""), soft_wrap=True, markup=False))
+
+
 # -- masks ----------------------------------------------------------------------------------
 
 
@@ -334,6 +464,95 @@ def compose(
         f"{entry.ref}: {', '.join(entry.members)} -> {entry.masked_total:,} weights"))
 
 
+@app.command("release")
+def release_command(
+    name: str,
+    members: Annotated[list[str], typer.Argument(help="Member concepts; each mask is read from MASKS_DIR/<concept>.parquet.")],
+    masks_dir: Annotated[Path, typer.Option(help="Folder of the mask files written by `cpreg mask --out`.")] = Path("data/masks"),
+    out_dir: Annotated[Optional[Path], typer.Option(help="Write NAME.json (the release record) and NAME.parquet (the union) here.")] = None,
+    note: str = "",
+    force: ForceOption = False,
+    dvc_stage: DvcStageOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Compose the masks in mask files into release NAME; reuses the latest version if it has the same members."""
+    from .pipeline import (
+        canonical_json,
+        check_output,
+        read_input,
+        release_record,
+        write_output,
+    )
+    from .registry import validate_name
+
+    validate_name(name, "release name")
+    members = [validate_name(member, "concept name") for member in dict.fromkeys(members)]  # twice counts once
+    record_path = union_path = None
+    if out_dir is not None:
+        record_path = check_output(out_dir / f"{name}.json", (".json",), force=force, what="the release record")
+        union_path = check_output(out_dir / f"{name}.parquet", (".parquet",), force=force, what="the union file")
+    files = [masks_dir / f"{member}.parquet" for member in members]
+    data = [read_input(path, "mask file") for path in files]
+    dvc_stage, git_rev = _provenance(dvc_stage)
+    provenance = ", ".join(([f"dvc stage {dvc_stage}"] if dvc_stage else []) + ([f"git {git_rev[:12]}"] if git_rev else []))
+    notes = f"{note} [{provenance}]".strip() if provenance else note
+    with _workspace() as ws:
+        result = ws.release_from_masks(name, list(zip(members, data)), notes, sources=[str(path) for path in files])
+        base = ws.registry.get_base_model(result.release.base_model_fingerprint)
+    entry = result.release
+    member_files = [str(files[members.index(mask.concept)]) for mask in result.members]
+    record = release_record(entry, result.members, member_files, str(union_path) if union_path else "", base)
+    if out_dir is not None:
+        write_output(union_path, result.data)
+        write_output(record_path, canonical_json(record))
+    payload = {"ref": entry.ref, "release": entry, "reused": result.reused, "record": record_path, "union": union_path}
+    _emit(as_json, payload, lambda: out.print(
+        f"{entry.ref}{' (existing version)' if result.reused else ''}: {', '.join(entry.members)} -> "
+        f"{entry.masked_total:,} weights" + (f", written to {record_path}" if record_path else ""), soft_wrap=True, markup=False))
+
+
+@app.command("evaluate")
+def evaluate_command(
+    record: Annotated[Path, typer.Argument(help="Release record (NAME.json) written by `cpreg release --out-dir`.")],
+    metrics: Annotated[Optional[Path], typer.Option(help="Write the metrics to this JSON file.")] = None,
+    plots_dir: Annotated[Optional[Path], typer.Option(help="Write one per-layer density CSV per member and for the release here.")] = None,
+    force: ForceOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Masked fraction per member and in total, and per-layer density, of a release record's files."""
+    from .pipeline import (
+        canonical_json,
+        check_output,
+        evaluate_release,
+        read_release_record,
+        write_output,
+    )
+
+    if metrics is not None:
+        check_output(metrics, (".json",), force=force, what="--metrics")
+    if plots_dir is not None:
+        if plots_dir.exists() and not plots_dir.is_dir():
+            raise ValueError(f"--plots-dir {str(plots_dir)!r} is not a folder")
+        if plots_dir.is_dir() and any(plots_dir.iterdir()) and not force:
+            raise ValueError(f"{str(plots_dir)!r} is not empty; pass --force to replace its CSV files")
+    values, plots = evaluate_release(read_release_record(record))
+    if metrics is not None:
+        write_output(metrics, canonical_json(values))
+    if plots_dir is not None:
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        for stale in plots_dir.glob("*.csv"):
+            stale.unlink()
+        for stem, text in plots.items():
+            write_output(plots_dir / f"{stem}.csv", text)
+
+    def human() -> None:
+        rows = [[concept, f"{row['masked']:,}", f"{row['fraction']:.4%}"] for concept, row in values["concepts"].items()]
+        rows.append(["total", f"{values['total']['masked']:,}", f"{values['total']['fraction']:.4%}"])
+        out.print(_table(escape(str(record)), ["member", "masked", "of weights"], rows))
+
+    _emit(as_json, {"metrics": values, "path": metrics, "plots": plots_dir}, human)
+
+
 def _release_rows(releases) -> list[list]:
     return [[r.ref, ", ".join(r.members), f"{r.masked_total:,}", r.hook, r.notes, f"{r.created_at:%Y-%m-%d %H:%M}"] for r in releases]
 
@@ -390,9 +609,19 @@ def export(
     base: Annotated[Optional[str], typer.Option(help="Base model folder or id (default: the recorded one).")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Write a complete diffusers pipeline folder with REF applied, and a model card."""
+    """Write a complete diffusers pipeline folder with REF applied, and a model card.
+
+    REF may also be a release record (NAME.json) written by `cpreg release --out-dir`.
+    """
+    record = None
+    if ref.endswith(".json") and Path(ref).is_file():
+        from .pipeline import read_release_record
+
+        record = read_release_record(ref)
     with _workspace() as ws:
-        entity = ws.resolve(ref)
+        entity = ws.resolve(record["ref"] if record else ref)
+        if record and getattr(entity, "union_oid", None) != record["union_oid"]:
+            raise ValueError(f"the registry's {entity.ref} is not the release recorded in {ref!r} (its union differs)")
         folder = ws.export(entity.ref if hasattr(entity, "members") else ref, out_dir, base=base, fill=fill)
     _emit(as_json, {"ref": entity.ref, "path": folder}, lambda: out.print(f"exported {entity.ref} to {folder}"))
 

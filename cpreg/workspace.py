@@ -12,20 +12,33 @@ Example:
     >>> release = ws.compose("safe-v1", ["nudity", "van-gogh@prod"])
     >>> pipe, edit = ws.load_pipeline("safe-v1")
     >>> edit.restore()
+
+The file-based steps of the DVC pipeline (``docs/dvc.md``) are idempotent: ``calibrate`` (statistics
+and a calibration row, no mask), ``mask_from_stats`` (a mask from statistics bytes, no model run)
+and ``release_from_masks`` (a release from mask files' bytes).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import torch
-
+from .artifacts import (
+    ArtifactError,
+    mask_from_bytes,
+    mask_to_bytes,
+    sha256_hex,
+    stats_from_bytes,
+    stats_to_bytes,
+)
 from .catalog import CATALOG, ConceptSpec, builtin_concept
 from .editors import (
+    ActivationStats,
     CalibrationConfig,
     ConceptMask,
     Fill,
@@ -35,10 +48,18 @@ from .editors import (
     derive_mask,
     hooked_layers,
     model_fingerprint,
+    union,
 )
 from .export import export_pipeline
 from .models import architecture_of, default_model, load_base_pipeline
-from .registry import Mask, NotFoundError, Registry, Release
+from .registry import (
+    Calibration,
+    Mask,
+    NotFoundError,
+    Registry,
+    Release,
+    prompt_set_hash,
+)
 from .registry.refs import validate_name
 
 
@@ -68,6 +89,57 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             versions[package] = "unknown"
     return versions
+
+
+def git_revision(path: str | os.PathLike | None = None) -> str | None:
+    """``git rev-parse HEAD`` in ``path`` (default: the current directory).
+
+    None outside a git repository, in one without commits, or without a ``git`` executable.
+    """
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", "HEAD"],
+            cwd=path, capture_output=True, text=True, timeout=30, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    revision = result.stdout.strip()
+    return revision if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", revision) else None
+
+
+def _short(fingerprint: str | None) -> str:
+    return "(none)" if fingerprint is None else fingerprint if len(fingerprint) <= 23 else fingerprint[:23] + "..."
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """What :meth:`Workspace.calibrate` did: the registry row, the statistics bytes, and whether
+    an existing calibration of the same inputs was reused instead of running the model."""
+
+    calibration: Calibration
+    data: bytes
+    reused: bool
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    """What :meth:`Workspace.mask_from_stats` did: the mask version, its bytes, and whether a
+    version with the same content existed already (returned instead of a new one)."""
+
+    mask: Mask
+    data: bytes
+    reused: bool
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    """What :meth:`Workspace.release_from_masks` did: the release, its members, its union bytes,
+    and whether the latest version already had these members (no new version)."""
+
+    release: Release
+    members: tuple[Mask, ...]
+    data: bytes
+    reused: bool
 
 
 class Workspace:
@@ -159,9 +231,17 @@ class Workspace:
         mask = derive_mask(stats, {n: m.weight for n, m in layers.modules.items()}, skill_ratio, select_ratio=select_ratio)
         base = self.registry.ensure_base_model(model, stats.fingerprint, architecture=architecture_of(pipe))
         concept_row = self._ensure_concept(spec)
+        calibration = self._add_calibration(spec, stats, base, layers, duration, dvc_stage, git_rev)
+        return self.registry.add_mask(
+            concept_row, mask, base, calibration,
+            description=description, dvc_stage=dvc_stage, git_rev=git_rev, reuse_existing=reuse_existing,
+        )
+
+    def _add_calibration(self, spec: ConceptSpec, stats: ActivationStats, base, layers, duration: float,
+                         dvc_stage: str | None, git_rev: str | None) -> Calibration:
         prompts = self.registry.ensure_prompt_set(spec.targets, spec.references)
         parameter = next(iter(layers.modules.values())).weight
-        calibration = self.registry.add_calibration(
+        return self.registry.add_calibration(
             stats,
             base,
             prompts,
@@ -171,10 +251,6 @@ class Workspace:
             library_versions=library_versions(),
             dvc_stage=dvc_stage,
             git_rev=git_rev,
-        )
-        return self.registry.add_mask(
-            concept_row, mask, base, calibration,
-            description=description, dvc_stage=dvc_stage, git_rev=git_rev, reuse_existing=reuse_existing,
         )
 
     def derive(
@@ -213,6 +289,209 @@ class Workspace:
             source.concept, mask, source.base_model_fingerprint, calibration,
             description=description, dvc_stage=dvc_stage, git_rev=git_rev, reuse_existing=reuse_existing,
         )
+
+    # -- file-based steps (the DVC pipeline) -------------------------------------------------
+
+    def calibrate(
+        self,
+        concept: str | ConceptSpec,
+        *,
+        model: str | None = None,
+        config: CalibrationConfig = CalibrationConfig(),
+        dtype: str = "float32",
+        device: str | None = "auto",
+        progress: bool = False,
+        reuse: bool = True,
+        dvc_stage: str | None = None,
+        git_rev: str | None = None,
+        pipe=None,
+    ) -> CalibrationResult:
+        """Calibrate ``concept`` on ``model`` and register the calibration (no mask); idempotent.
+
+        With ``reuse`` (the default), a registered calibration of the same base model (by
+        fingerprint), prompts, configuration, dtype, device and library versions is returned
+        with its stored statistics and the model is not run. Identical statistics bytes always
+        map to one calibration row. ``result.data`` is ``stats_to_bytes`` of the statistics.
+        """
+        spec = concept if isinstance(concept, ConceptSpec) else self.concept_spec(concept)
+        validate_name(spec.name)
+        model = model or default_model()
+        pipe = pipe if pipe is not None else load_base_pipeline(model, dtype=dtype, device=device)
+        layers = hooked_layers(pipe, config.hook)
+        if reuse:
+            found = self._find_calibration(spec, model_fingerprint(pipe), config, layers)
+            if found is not None:
+                return found
+        started = time.perf_counter()
+        stats = calibrate(pipe, spec.targets, spec.references, config, progress=progress)
+        duration = time.perf_counter() - started
+        base = self.registry.ensure_base_model(model, stats.fingerprint, architecture=architecture_of(pipe))
+        self._ensure_concept(spec)
+        calibration = self._add_calibration(spec, stats, base, layers, duration, dvc_stage, git_rev)
+        return CalibrationResult(calibration, stats_to_bytes(stats), reused=False)
+
+    def _find_calibration(self, spec: ConceptSpec, fingerprint: str, config: CalibrationConfig, layers) -> CalibrationResult | None:
+        try:
+            candidates = self.registry.list_calibrations(fingerprint)
+        except NotFoundError:
+            return None  # base model not registered yet
+        parameter = next(iter(layers.modules.values())).weight
+        wanted = {
+            "prompt_set_hash": prompt_set_hash(spec.targets, spec.references),
+            "config": config.to_dict(),
+            "dtype": str(parameter.dtype).removeprefix("torch."),
+            "device": str(parameter.device),
+            "library_versions": library_versions(),
+        }
+        for calibration in reversed(candidates):
+            if all(getattr(calibration, key) == value for key, value in wanted.items()):
+                try:
+                    data = self.registry.store.get(calibration.stats_oid)
+                except ArtifactError:
+                    continue  # missing or corrupt object: calibrate again (which stores it again)
+                return CalibrationResult(calibration, bytes(data), reused=True)
+        return None
+
+    def mask_from_stats(
+        self,
+        concept: str | ConceptSpec,
+        stats_data: bytes,
+        *,
+        model: str | None = None,
+        skill_ratio: float | None = None,
+        tau: int | None = None,
+        select_ratio: float = 0.0,
+        device: str | None = None,
+        description: str = "",
+        dvc_stage: str | None = None,
+        git_rev: str | None = None,
+        source: str = "the statistics",
+    ) -> MaskResult:
+        """Derive and register a mask of ``concept`` from statistics bytes (no model run); idempotent.
+
+        The base model (``model``; default: the one registered for the statistics' fingerprint,
+        else ``$CPREG_MODEL``) is loaded on the CPU only for its hooked-layer weights, and its
+        fingerprint must be the statistics'. The calibration is found by the statistics' object
+        id, or registered from them with the concept's prompts when the registry lacks it. An
+        existing mask version with the same content is returned instead of a new one
+        (``result.reused``); ``result.data`` is ``mask_to_bytes`` of the mask (its sha256 is
+        ``result.mask.artifact_oid``).
+        ``source`` names the statistics in error messages.
+        """
+        spec = concept if isinstance(concept, ConceptSpec) else self.concept_spec(concept)
+        validate_name(spec.name)
+        stats = stats_from_bytes(stats_data)
+        skill_ratio = spec.skill_ratio if skill_ratio is None else skill_ratio
+        if not 0.0 < skill_ratio <= 1.0:
+            raise ValueError(f"skill_ratio must be in (0, 1], got {skill_ratio}")
+        if not 0.0 <= select_ratio < 1.0:
+            raise ValueError(f"select_ratio must be in [0, 1), got {select_ratio}")
+        if tau is not None and not 1 <= tau <= stats.steps:
+            raise ValueError(f"tau must be in [1, {stats.steps}] (the calibrated steps), got {tau}")
+        if stats.fingerprint is None:
+            raise ValueError(f"{source} name no base model fingerprint")
+        if model is None:
+            try:
+                model = self.registry.get_base_model(stats.fingerprint).name
+            except NotFoundError:
+                model = default_model()
+        pipe = load_base_pipeline(model, device="cpu")
+        found = model_fingerprint(pipe)
+        if found != stats.fingerprint:
+            raise ValueError(
+                f"{source} were calibrated on base model {_short(stats.fingerprint)}, "
+                f"but {model!r} has fingerprint {_short(found)}"
+            )
+        oid = sha256_hex(stats_data)
+        calibration = self._calibration_by_oid(stats.fingerprint, oid)
+        wanted_prompts = prompt_set_hash(spec.targets, spec.references)
+        if calibration is not None and calibration.prompt_set_hash != wanted_prompts:
+            raise ValueError(
+                f"{source} were calibrated on other prompts than those of concept {spec.name!r} "
+                f"(prompt set {calibration.prompt_set_hash[:12]}, not {wanted_prompts[:12]})"
+            )
+        if calibration is None and (stats.num_target_prompts, stats.num_reference_prompts) != (len(spec.targets), len(spec.references)):
+            raise ValueError(
+                f"{source} cover {stats.num_target_prompts}/{stats.num_reference_prompts} target/reference prompts, "
+                f"concept {spec.name!r} has {len(spec.targets)}/{len(spec.references)}"
+            )
+        layers = hooked_layers(pipe, stats.config.hook)
+        mask = derive_mask(
+            stats, {n: m.weight for n, m in layers.modules.items()}, skill_ratio,
+            tau=tau, select_ratio=select_ratio, device=device,
+        )
+        data = mask_to_bytes(mask)
+        oid = sha256_hex(data)
+        try:
+            reused = any(m.artifact_oid == oid for m in self.registry.list_masks(spec.name, base_model=stats.fingerprint))
+        except NotFoundError:
+            reused = False  # concept or base model not registered yet
+        base = self.registry.ensure_base_model(model, stats.fingerprint, architecture=architecture_of(pipe))
+        concept_row = self._ensure_concept(spec)
+        if calibration is None:
+            prompts = self.registry.ensure_prompt_set(spec.targets, spec.references)
+            # Registered from the file alone: how it was computed is unknown here.
+            calibration = self.registry.add_calibration(
+                stats, base, prompts, dtype="unknown", device="unknown", duration_s=0.0,
+                library_versions={}, dvc_stage=dvc_stage, git_rev=git_rev,
+            )
+        entry = self.registry.add_mask(
+            concept_row, mask, base, calibration,
+            description=description, dvc_stage=dvc_stage, git_rev=git_rev, reuse_existing=True,
+        )
+        if oid != entry.artifact_oid:  # pragma: no cover - mask_to_bytes is deterministic
+            raise RuntimeError(f"the bytes of {entry.ref} are not reproducible")
+        return MaskResult(entry, data, reused)
+
+    def _calibration_by_oid(self, fingerprint: str, oid: str) -> Calibration | None:
+        try:
+            candidates = self.registry.list_calibrations(fingerprint)
+        except NotFoundError:
+            return None
+        return next((c for c in candidates if c.stats_oid == oid), None)
+
+    def release_from_masks(
+        self, name: str, members: list[tuple[str, bytes]], notes: str = "", *, sources: list[str] | None = None
+    ) -> ReleaseResult:
+        """Compose release ``name`` from mask files' bytes, ``[(concept, bytes), ...]``; idempotent.
+
+        Each file must be a registered mask version of its concept (found by content); when the
+        latest version of ``name`` has the same member versions and union, it is returned and no
+        new version is created. ``sources`` name the files in error messages.
+        """
+        validate_name(name, "release name")
+        if not members:
+            raise ValueError("a release needs at least one member")
+        sources = sources or [concept for concept, _ in members]
+        masks, entries = [], []
+        for (concept, data), source in zip(members, sources, strict=True):
+            try:
+                masks.append(mask_from_bytes(data))
+            except ValueError as error:
+                raise ValueError(f"{source}: {error}") from None
+            oid = sha256_hex(data)
+            matches = [m for m in self.registry.list_masks(concept) if m.artifact_oid == oid]
+            if not matches:
+                raise ValueError(
+                    f"{source} is not a registered mask of concept {concept!r} in this registry "
+                    f"(rerun its mask step, e.g. `dvc repro --force --single-item mask@{concept}`)"
+                )
+            entries.append(matches[0])  # the oldest version with this content, as add_mask reuses it
+        unique = list({entry.id: (entry, mask) for entry, mask in zip(entries, masks)}.values())
+        try:
+            merged = union([mask for _, mask in unique], [entry.ref for entry, _ in unique])
+        except ValueError as error:
+            raise ValueError(f"cannot compose {name}: {error}") from None
+        data = mask_to_bytes(merged)
+        oid = sha256_hex(data)
+        member_ids = {entry.id for entry, _ in unique}
+        existing = self.registry.list_releases(name)
+        if existing and existing[-1].union_oid == oid and set(existing[-1].member_ids) == member_ids:
+            release, reused = existing[-1], True
+        else:
+            release, reused = self.registry.compose(name, [entry for entry, _ in unique], notes), False
+        ordered = sorted((entry for entry, _ in unique), key=lambda entry: release.member_ids.index(entry.id))
+        return ReleaseResult(release, tuple(ordered), data, reused)
 
     def compose(self, name: str, refs: list[str], notes: str = "") -> Release:
         """A new version of release ``name``: the union of the masks ``refs``."""
