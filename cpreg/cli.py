@@ -52,7 +52,7 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except USER_ERRORS as error:
-            if _options["debug"]:
+            if _options["debug"] or isinstance(error, BrokenPipeError):  # click quiets a closed pipe itself
                 raise
             text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error).strip()
             err.print(f"error: {text.splitlines()[0] if text else type(error).__name__}", markup=False, highlight=False)
@@ -511,8 +511,8 @@ def release_command(
         f"{entry.masked_total:,} weights" + (f", written to {record_path}" if record_path else ""), soft_wrap=True, markup=False))
 
 
-@app.command("evaluate")
-def evaluate_command(
+@app.command("metrics")
+def metrics_command(
     record: Annotated[Path, typer.Argument(help="Release record (NAME.json) written by `cpreg release --out-dir`.")],
     metrics: Annotated[Optional[Path], typer.Option(help="Write the metrics to this JSON file.")] = None,
     plots_dir: Annotated[Optional[Path], typer.Option(help="Write one per-layer density CSV per member and for the release here.")] = None,

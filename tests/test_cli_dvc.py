@@ -1,4 +1,4 @@
-"""The file-based pipeline commands: ``cpreg calibrate / mask / release / evaluate`` and ``export`` of a
+"""The file-based pipeline commands: ``cpreg calibrate / mask / release / metrics`` and ``export`` of a
 release record; idempotence, provenance (DVC stage, git revision), and bad inputs.
 
 A template project (registry in ``.cpreg``, files in ``data/``) is made once on the built-in tiny
@@ -188,7 +188,7 @@ def test_mask_registers_the_calibration_of_a_file_the_registry_lacks(project):
     assert result["mask"]["artifact_oid"] == sha("data/masks/nudity.parquet")
 
 
-# -- release, evaluate, export --------------------------------------------------------------------
+# -- release, metrics, export --------------------------------------------------------------------
 
 
 def test_release_reuses_the_latest_version_with_the_same_members(project):
@@ -214,8 +214,8 @@ def test_release_reuses_the_latest_version_with_the_same_members(project):
     assert only["ref"] == "safe-v1@3"
 
 
-def test_evaluate_writes_metrics_and_density_tables(project):
-    result = run_json("evaluate", "data/release/safe-v1.json", "--metrics", "data/metrics.json", "--plots-dir", "data/plots")
+def test_metrics_writes_masked_fractions_and_density_tables(project):
+    result = run_json("metrics", "data/release/safe-v1.json", "--metrics", "data/metrics.json", "--plots-dir", "data/plots")
     metrics = json.loads(Path("data/metrics.json").read_text())
     assert metrics == result["metrics"]
     with registry() as reg:
@@ -235,9 +235,9 @@ def test_evaluate_writes_metrics_and_density_tables(project):
     assert sum(int(row["masked"]) for row in rows) == nudity.masked_total
     assert all(float(row["density"]) == int(row["masked"]) / int(row["weights"]) for row in rows)
     first = {p: Path(p).read_bytes() for p in ["data/metrics.json", *map(str, Path("data/plots").iterdir())]}
-    run("evaluate", "data/release/safe-v1.json", "--metrics", "data/metrics.json", "--plots-dir", "data/plots", "--force")
+    run("metrics", "data/release/safe-v1.json", "--metrics", "data/metrics.json", "--plots-dir", "data/plots", "--force")
     assert {p: Path(p).read_bytes() for p in first} == first  # deterministic
-    assert "total" in run("evaluate", "data/release/safe-v1.json").stdout  # the human table
+    assert "total" in run("metrics", "data/release/safe-v1.json").stdout  # the human table
 
 
 def test_export_of_a_release_record(project, tmp_path):
@@ -281,13 +281,13 @@ BAD = [
     (("release", "../x", "nudity"), "invalid release name"),
     (("release", "safe-v1", "../data/masks/nudity"), "invalid concept name"),
     (("release", "safe-v1", "nudity", "--out-dir", "data/release"), "exists"),
-    (("evaluate", "bad/missing.json"), "cannot read release record"),
-    (("evaluate", "bad/other.json"), "not a release record"),
-    (("evaluate", "bad/garbage.json"), "not valid JSON"),
-    (("evaluate", "bad/changed.json"), "changed since the release"),
-    (("evaluate", "data/release/safe-v1.json", "--metrics", "bad/metrics.yaml"), ".json"),
-    (("evaluate", "data/release/safe-v1.json", "--plots-dir", "data/release"), "not empty"),
-    (("evaluate", "data/release/safe-v1.json", "--plots-dir", "data/release/safe-v1.json"), "not a folder"),
+    (("metrics", "bad/missing.json"), "cannot read release record"),
+    (("metrics", "bad/other.json"), "not a release record"),
+    (("metrics", "bad/garbage.json"), "not valid JSON"),
+    (("metrics", "bad/changed.json"), "changed since the release"),
+    (("metrics", "data/release/safe-v1.json", "--metrics", "bad/metrics.yaml"), ".json"),
+    (("metrics", "data/release/safe-v1.json", "--plots-dir", "data/release"), "not empty"),
+    (("metrics", "data/release/safe-v1.json", "--plots-dir", "data/release/safe-v1.json"), "not a folder"),
     (("export", "bad/changed-union.json", "bad/out"), "not the release recorded"),
 ]
 
@@ -337,5 +337,5 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(project, args, message,
 def test_usage_errors_exit_2(project):
     run("mask", "nudity", expect=2)  # --stats is required
     run("release", "safe-v1", expect=2)  # at least one member
-    run("evaluate", expect=2)
+    run("metrics", expect=2)
     run("calibrate", "nudity", "--hook", "bogus", expect=2)
