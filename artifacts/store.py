@@ -16,6 +16,14 @@ Guarantees:
 Deciding which objects are garbage is the registry's job; the store only offers :meth:`ids`,
 :meth:`delete`, :meth:`verify` and :meth:`remove_temp_files`.
 
+Remote stores (S3 and the like) take their settings from the filesystem's usual sources: for
+``s3://`` (``pip install "cpreg[s3]"``), botocore's environment variables (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL`` /
+``AWS_ENDPOINT_URL_S3`` for S3-compatible servers, ``AWS_PROFILE``) or fsspec's configuration
+(``FSSPEC_S3_ENDPOINT_URL``, ``~/.config/fsspec/``); or explicitly ``storage_options``. Every
+per-object check bypasses the filesystem's directory-listing cache, so objects written or
+deleted by other processes are seen at once.
+
 Example:
     >>> store = ObjectStore("/data/cpreg")          # or "s3://bucket/cpreg", "memory://tests"
     >>> oid = store.put(mask_to_bytes(mask))
@@ -76,16 +84,19 @@ class ObjectStore:
     Args:
         root: a local directory (created on first write) or an fsspec URL; ``file://`` URLs are
             handled as local paths (fsync + rename).
+        storage_options: keyword arguments of the fsspec filesystem (e.g. ``{"endpoint_url":
+            "http://127.0.0.1:9000"}`` for ``s3://``); by default the filesystem's own
+            configuration (environment variables, fsspec config files) applies.
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, *, storage_options: dict | None = None) -> None:
         self.root = os.fspath(root)
         self._fs = None
         if "://" in self.root or "::" in self.root:
             from fsspec.core import url_to_fs
             from fsspec.implementations.local import LocalFileSystem
 
-            fs, path = url_to_fs(self.root)
+            fs, path = url_to_fs(self.root, **(storage_options or {}))
             if isinstance(fs, LocalFileSystem):
                 self._local = Path(path)
             else:
@@ -113,11 +124,18 @@ class ObjectStore:
     def _where(self, oid: str) -> str:
         return str(self._local_file(oid)) if self._fs is None else f"{self.root.rstrip('/')}/objects/{oid[:2]}/{oid[2:]}"
 
+    def _fresh(self, key: str) -> str:
+        """Forget what the remote filesystem's listing cache knows about ``key`` (and its parents),
+        so the next call asks the server: another process may have written or deleted it."""
+        with suppress(Exception):
+            self._fs.invalidate_cache(key)
+        return key
+
     def _read(self, oid: str) -> bytes:
         try:
             if self._fs is None:
                 return self._local_file(oid).read_bytes()
-            return self._fs.cat_file(self._remote_key(oid))
+            return self._fs.cat_file(self._fresh(self._remote_key(oid)))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise MissingObjectError(f"object {oid} is not in the store {self.root}") from None
 
@@ -133,7 +151,7 @@ class ObjectStore:
     def _intact(self, oid: str) -> bool:
         """True when the object exists and hashes to its id."""
         try:
-            path = self._local_file(oid) if self._fs is None else self._remote_key(oid)
+            path = self._local_file(oid) if self._fs is None else self._fresh(self._remote_key(oid))
             return self._hash_file(path)[0] == oid
         except (OSError, ValueError):
             return False
@@ -187,8 +205,7 @@ class ObjectStore:
                 if fs.exists(temp):
                     fs.rm_file(temp)
             raise
-        with suppress(AttributeError):
-            fs.invalidate_cache(directory)
+        self._fresh(final)
         stored = fs.cat_file(final)
         actual = sha256_hex(stored)
         if actual != oid:
@@ -220,7 +237,7 @@ class ObjectStore:
         check_oid(oid)
         if self._fs is None:
             return self._local_file(oid).is_file()
-        return bool(self._fs.isfile(self._remote_key(oid)))
+        return bool(self._fs.isfile(self._fresh(self._remote_key(oid))))
 
     def delete(self, oid: str) -> bool:
         """Remove object ``oid``; True if it existed. Deleting an absent object is not an error."""
@@ -231,10 +248,11 @@ class ObjectStore:
             except FileNotFoundError:
                 return False
             return True
-        key = self._remote_key(oid)
+        key = self._fresh(self._remote_key(oid))
         if not self._fs.isfile(key):
             return False
         self._fs.rm_file(key)
+        self._fresh(key)
         return True
 
     def size(self, oid: str) -> int:
@@ -246,7 +264,7 @@ class ObjectStore:
                 if not path.is_file():
                     raise FileNotFoundError(path)
                 return path.stat().st_size
-            return int(self._fs.size(self._remote_key(oid)))
+            return int(self._fs.size(self._fresh(self._remote_key(oid))))
         except FileNotFoundError:
             raise MissingObjectError(f"object {oid} is not in the store {self.root}") from None
 
@@ -280,9 +298,7 @@ class ObjectStore:
                     found.append((full.relative_to(base).as_posix(), full))
             yield from sorted(found)
         else:
-            base = f"{self._remote}/objects"
-            with suppress(AttributeError):
-                self._fs.invalidate_cache(base)
+            base = self._fresh(f"{self._remote}/objects")
             try:
                 keys = self._fs.find(base, withdirs=False)
             except FileNotFoundError:

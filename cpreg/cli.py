@@ -97,6 +97,10 @@ def _workspace():
 
 
 def _emit(as_json: bool, payload: dict, human) -> None:
+    from .distributed import is_main_process
+
+    if not is_main_process():  # under torchrun, rank 0 reports for all
+        return
     if as_json:
         sys.stdout.write(json.dumps(to_jsonable(payload), sort_keys=True) + "\n")
     else:

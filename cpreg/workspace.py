@@ -50,6 +50,7 @@ from .editors import (
     model_fingerprint,
     union,
 )
+from .distributed import distributed_calibrate, init_distributed, on_main_process
 from .export import export_pipeline
 from .models import architecture_of, default_model, load_base_pipeline
 from .registry import (
@@ -223,19 +224,24 @@ class Workspace:
         if not 0.0 <= select_ratio < 1.0:
             raise ValueError(f"select_ratio must be in [0, 1), got {select_ratio}")
         model = model or default_model()
+        init_distributed()  # under torchrun: join the group before loading, each rank on its own GPU
         pipe = pipe if pipe is not None else load_base_pipeline(model, dtype=dtype, device=device)
         started = time.perf_counter()
-        stats = calibrate(pipe, spec.targets, spec.references, config, progress=progress)
+        stats = distributed_calibrate(pipe, spec.targets, spec.references, config, progress=progress)
         duration = time.perf_counter() - started
         layers = hooked_layers(pipe, config.hook)
         mask = derive_mask(stats, {n: m.weight for n, m in layers.modules.items()}, skill_ratio, select_ratio=select_ratio)
-        base = self.registry.ensure_base_model(model, stats.fingerprint, architecture=architecture_of(pipe))
-        concept_row = self._ensure_concept(spec)
-        calibration = self._add_calibration(spec, stats, base, layers, duration, dvc_stage, git_rev)
-        return self.registry.add_mask(
-            concept_row, mask, base, calibration,
-            description=description, dvc_stage=dvc_stage, git_rev=git_rev, reuse_existing=reuse_existing,
-        )
+
+        def record() -> Mask:  # only rank 0 writes artifacts and registry rows
+            base = self.registry.ensure_base_model(model, stats.fingerprint, architecture=architecture_of(pipe))
+            concept_row = self._ensure_concept(spec)
+            calibration = self._add_calibration(spec, stats, base, layers, duration, dvc_stage, git_rev)
+            return self.registry.add_mask(
+                concept_row, mask, base, calibration,
+                description=description, dvc_stage=dvc_stage, git_rev=git_rev, reuse_existing=reuse_existing,
+            )
+
+        return on_main_process(record)
 
     def _add_calibration(self, spec: ConceptSpec, stats: ActivationStats, base, layers, duration: float,
                          dvc_stage: str | None, git_rev: str | None) -> Calibration:

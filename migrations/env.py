@@ -21,14 +21,11 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 # Loaded by Alembic from its file path, outside the package: absolute imports only.
-from cpreg.registry.db import WRITE_OPTION, make_engine
+from cpreg.registry.db import MIGRATION_LOCK_KEY, WRITE_OPTION, make_engine
 from cpreg.registry.orm import Base
 
 config = context.config
 target_metadata = Base.metadata
-
-#: PostgreSQL advisory lock held by a migration transaction ("cpreg" in ASCII).
-MIGRATION_LOCK_KEY = 0x637072656
 
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
     logging.config.fileConfig(config.config_file_name, disable_existing_loggers=False)

@@ -23,6 +23,11 @@ from sqlalchemy.pool import StaticPool
 #: Execution option marking a connection whose transactions write (``BEGIN IMMEDIATE`` on SQLite).
 WRITE_OPTION = "cpreg_write"
 
+#: PostgreSQL advisory lock ("cpreg" in ASCII): held exclusively by a migration transaction,
+#: shared by whoever inspects the schema (so a half-seen migration never looks like a foreign
+#: database).
+MIGRATION_LOCK_KEY = 0x637072656
+
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 
 

@@ -20,9 +20,9 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import URL, Connection, Engine, inspect
+from sqlalchemy import URL, Connection, Engine, inspect, text
 
-from .db import WRITE_OPTION, make_engine
+from .db import MIGRATION_LOCK_KEY, WRITE_OPTION, make_engine
 from .errors import SchemaError
 
 VERSION_TABLE = "alembic_version"
@@ -120,6 +120,12 @@ class SchemaState:
 def schema_state(engine: Engine) -> SchemaState:
     """Inspect ``engine``'s database without changing it."""
     with engine.connect() as connection:
+        if connection.dialect.name == "postgresql":
+            # A migration commits its tables and its version row at once, but under READ
+            # COMMITTED the two reads below could straddle that commit (no version yet, tables
+            # already): hold the migration lock shared so no migration commits in between.
+            # (SQLite: the read transaction's snapshot already makes both reads agree.)
+            connection.execute(text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": MIGRATION_LOCK_KEY})
         revision = _current(connection)
         tables = [
             name

@@ -27,6 +27,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -53,6 +54,7 @@ from .errors import (
 )
 from .migrate import ensure_schema
 from .orm import (
+    ACTOR_LEN,
     CONCEPT_KINDS,
     AliasRow,
     BaseModelRow,
@@ -116,6 +118,53 @@ def _prompt_list(prompts: Iterable[str], what: str) -> list[str]:
     return result
 
 
+def _text(value: object, what: str, max_len: int | None = None, *, optional: bool = False) -> str | None:
+    """``value`` if it is a string every backend stores as is, else :class:`RegistryError`.
+
+    Checked before anything is written (store included), so SQLite, which would store anything,
+    and PostgreSQL, which refuses NUL characters and over-long ``VARCHAR`` values, behave alike.
+    """
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise RegistryError(f"{what} must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise RegistryError(f"{what} must not contain NUL characters")
+    if max_len is not None and len(value) > max_len:
+        raise RegistryError(f"{what} is {len(value)} characters long; at most {max_len} are allowed")
+    return value
+
+
+def _finite(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RegistryError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _json_value(value: Any, what: str) -> Any:
+    """``value`` if it is strict JSON (no NaN / infinity, string keys), else :class:`RegistryError`."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise RegistryError(f"{what} must be plain JSON data: {exc}") from None
+    return value
+
+
+def _is_retryable_integrity_error(exc: sa_exc.IntegrityError) -> bool:
+    """A unique or foreign-key violation: a concurrent writer got there first (retry); NOT NULL
+    or CHECK violations would fail again and are reported at once."""
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    if code is not None:
+        return code in ("23505", "23503")  # unique_violation, foreign_key_violation
+    message = str(exc.orig).lower()
+    return "unique" in message or "foreign key" in message
+
+
+def _one_line(exc: BaseException) -> str:
+    text_ = str(getattr(exc, "orig", None) or exc).strip()
+    return text_.splitlines()[0] if text_ else type(exc).__name__
+
+
 def _short(fingerprint: str) -> str:
     return fingerprint if len(fingerprint) <= 23 else fingerprint[:23] + "..."
 
@@ -151,7 +200,7 @@ class Registry:
     ) -> None:
         self.db_url = db_url
         self.store = store if isinstance(store, ObjectStore) else ObjectStore(store)
-        self.actor = actor or _os_user()
+        self.actor = _text(actor, "actor", ACTOR_LEN) if actor else _os_user()[:ACTOR_LEN]
         self._engine = make_engine(db_url, busy_timeout_s=busy_timeout_s)
         self._writer = self._engine.execution_options(**{WRITE_OPTION: True})
         try:
@@ -192,8 +241,12 @@ class Registry:
                 with Session(self._writer, expire_on_commit=False) as session, session.begin():
                     return fn(session)
             except sa_exc.IntegrityError as exc:
+                if not _is_retryable_integrity_error(exc):
+                    raise RegistryError(f"the database refused the write: {_one_line(exc)}") from exc
                 if attempt == WRITE_ATTEMPTS - 1:
-                    raise ConflictError(f"could not write after {WRITE_ATTEMPTS} attempts: {exc.orig}") from exc
+                    raise ConflictError(f"could not write after {WRITE_ATTEMPTS} attempts: {_one_line(exc)}") from exc
+            except sa_exc.DataError as exc:  # a value the backend cannot store (validated earlier: a backstop)
+                raise RegistryError(f"the database refused a value: {_one_line(exc)}") from exc
             except sa_exc.OperationalError as exc:
                 message = str(exc.orig).lower()
                 if any(word in message for word in ("deadlock", "serializ")):
@@ -211,7 +264,8 @@ class Registry:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _event(self, session: Session, actor: str | None, action: str, subject: str, details: dict) -> None:
-        session.add(EventRow(actor=actor or self.actor, action=action, subject=subject[:256], details=details))
+        actor = _text(actor, "created_by", ACTOR_LEN) if actor else self.actor
+        session.add(EventRow(actor=actor, action=action, subject=subject[:256], details=details))
 
     @staticmethod
     def _object_lock(session: Session, *, exclusive: bool) -> None:
@@ -528,10 +582,12 @@ class Registry:
         Example:
             >>> reg.ensure_base_model("CompVis/stable-diffusion-v1-4", "sha256:ab12...", "main", "sd")
         """
-        if not isinstance(name, str) or not name.strip() or len(name) > 1024:
+        if not isinstance(name, str) or not name.strip() or len(name) > 1024 or "\x00" in name:
             raise InvalidNameError(f"invalid base model name {name!r}: a hub id or path of 1-1024 characters")
-        if not isinstance(fingerprint, str) or not fingerprint.strip() or len(fingerprint) > 128:
+        if not isinstance(fingerprint, str) or not fingerprint.strip() or len(fingerprint) > 128 or "\x00" in fingerprint:
             raise InvalidNameError(f"invalid base model fingerprint {fingerprint!r}")
+        _text(revision, "revision", 256, optional=True)
+        _text(architecture, "architecture", 64, optional=True)
 
         def write(session: Session) -> BaseModel:
             row = session.scalars(select(BaseModelRow).where(BaseModelRow.fingerprint == fingerprint)).one_or_none()
@@ -584,8 +640,7 @@ class Registry:
         validate_name(name, "concept name")
         if kind not in CONCEPT_KINDS:
             raise InvalidNameError(f"invalid concept kind {kind!r}: one of {', '.join(CONCEPT_KINDS)}")
-        if not isinstance(description, str):
-            raise RegistryError("description must be a string")
+        _text(description, "description")
 
         def write(session: Session) -> Concept:
             if self._concept_exists(session, name):
@@ -686,9 +741,14 @@ class Registry:
         """
         if not isinstance(stats, ActivationStats):
             raise RegistryError(f"stats must be ActivationStats, got {type(stats).__name__}")
-        dtype = str(dtype).removeprefix("torch.")
-        device = str(device)
-        library_versions = dict(library_versions)
+        dtype = _text(str(dtype).removeprefix("torch."), "dtype", 32)
+        device = _text(str(device), "device", 64)
+        duration_s = _finite(duration_s, "duration_s")
+        library_versions = _json_value(dict(library_versions), "library_versions")
+        _finite(stats.config.guidance_scale, "guidance_scale")
+        _text(dvc_stage, "dvc_stage", 256, optional=True)
+        _text(git_rev, "git_rev", 64, optional=True)
+        _text(created_by, "created_by", ACTOR_LEN, optional=True)
 
         def check(session: Session) -> tuple[BaseModelRow, PromptSetRow]:
             model = self._base_model_row(session, base_model)
@@ -806,8 +866,10 @@ class Registry:
         if not isinstance(mask, ConceptMask):
             raise RegistryError(f"mask must be a ConceptMask, got {type(mask).__name__}")
         tags = validate_tags(tags)
-        if not isinstance(description, str):
-            raise RegistryError("description must be a string")
+        _text(description, "description")
+        _text(dvc_stage, "dvc_stage", 256, optional=True)
+        _text(git_rev, "git_rev", 64, optional=True)
+        _text(created_by, "created_by", ACTOR_LEN, optional=True)
 
         def check(session: Session) -> tuple[ConceptRow, BaseModelRow, CalibrationRow | None]:
             concept_row = self._concept_row(session, concept)
@@ -1136,6 +1198,8 @@ class Registry:
             'safe-v1@1'
         """
         validate_name(name, "release name")
+        _text(notes, "notes")
+        _text(created_by, "created_by", ACTOR_LEN, optional=True)
         if isinstance(refs, (str, Mask)):
             refs = [refs]
         refs = list(refs)

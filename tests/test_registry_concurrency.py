@@ -62,10 +62,11 @@ def _compose(folder: str, worker: int, refs: list[str], barrier, results) -> Non
         results.put((worker, repr(exc)))
 
 
-def _write_forever(folder: str, seed: int) -> None:
+def _write_forever(folder: str, seed: int, ready) -> None:
     """Add masks (large enough that writing them takes a while) until killed."""
     reg = open_registry(Path(folder))
     model = reg.get_base_model(FP_A)
+    ready.set()  # connected: the kill lands in the write loop, not in process start-up
     i = 0
     while True:
         reg.add_mask("nudity", make_mask(seed * 1000 + i, density=0.5, shapes={"a": (128, 128), "b": (64, 256)}), model)
@@ -128,8 +129,10 @@ def test_writers_killed_at_random_points_leave_a_consistent_registry(tmp_path):
     reg.close()
     rng = random.Random(1234)
     for kill in range(KILLS):
-        process = CTX.Process(target=_write_forever, args=(str(tmp_path), kill))
+        ready = CTX.Event()
+        process = CTX.Process(target=_write_forever, args=(str(tmp_path), kill, ready))
         process.start()
+        assert ready.wait(timeout=60)
         time.sleep(rng.uniform(0.03, 0.6))
         process.kill()
         process.join(timeout=30)

@@ -166,3 +166,32 @@ def test_schema_is_portable_to_postgresql():
         str(CreateTable(table).compile(dialect=dialect))
         for index in table.indexes:
             str(CreateIndex(index).compile(dialect=dialect))
+
+
+def test_schema_check_never_sees_half_of_a_concurrent_migration(tmp_path, monkeypatch):
+    """A migration committing between reading the version and listing the tables must not make a
+    new database look foreign ("tables but no schema version"): both reads see one state."""
+    import threading
+    import time
+
+    url = db_url(tmp_path)
+    real_current = migrate._current
+    migrated = threading.Event()
+
+    def current_then_someone_migrates(connection):
+        revision = real_current(connection)
+        worker = threading.Thread(target=lambda: (upgrade(url), migrated.set()), daemon=True)
+        worker.start()
+        migrated.wait(timeout=2.0)  # PostgreSQL: blocked by the check's shared lock; SQLite: commits
+        return revision
+
+    monkeypatch.setattr(migrate, "_current", current_then_someone_migrates)
+    engine = make_engine(url)
+    try:
+        state = migrate.schema_state(engine)
+        assert (state.revision, state.empty) in ((None, True), (head(), False))
+    finally:
+        engine.dispose()
+    monkeypatch.setattr(migrate, "_current", real_current)
+    assert migrated.wait(timeout=60)
+    assert current(url) == head()
