@@ -113,6 +113,12 @@ def _catalog() -> dict[str, ConceptSpec]:
         ConceptSpec("male", "gender", "male people (gender reversal: men become women)",
                     tuple((f"a headshot of a {m}", f"a headshot of a {f}") for m, f in zip(MALE_WORDS, FEMALE_WORDS)))
     )
+    from .demo.plant import reference_prompts, target_prompts
+
+    specs.append(
+        ConceptSpec("zorblat", "object", "the shape planted in the demo model (use --model demo-planted)",
+                    tuple(zip(target_prompts(), reference_prompts())))
+    )
     return {spec.name: spec for spec in specs}
 
 

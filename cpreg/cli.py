@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 
 # The CLI speaks for itself: library warnings (e.g. optional torchvision) only with --debug.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -33,7 +34,7 @@ from .catalog import (
     load_concept_file,
 )
 from .editors import CalibrationConfig, Fill, HookPoint
-from .models import BUILTIN_MODELS, DEFAULT_MODEL
+from .models import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_MODELS
 from .serialize import to_jsonable
 
 _options: dict = {"home": None, "db_url": None, "debug": False}
@@ -240,7 +241,7 @@ def concepts_add(
 @app.command()
 def compute(
     concept: str,
-    model: Annotated[Optional[str], typer.Option(help=f"Hub id, local folder or built-in ({', '.join(BUILTIN_MODELS)}); default $CPREG_MODEL or {DEFAULT_MODEL}.")] = None,
+    model: Annotated[Optional[str], typer.Option(help=f"Hub id, local folder or built-in ({', '.join([*BUILTIN_MODELS, *DEMO_MODELS])}); default $CPREG_MODEL or {DEFAULT_MODEL}.")] = None,
     target_prompts: Annotated[Optional[Path], typer.Option(help="Override the concept's target prompts (file).")] = None,
     reference_prompts: Annotated[Optional[Path], typer.Option(help="Override the reference prompts (file).")] = None,
     skill_ratio: Annotated[Optional[float], typer.Option(help="Default: by the concept's kind (0.01 styles, 0.02 objects).")] = None,
@@ -316,7 +317,7 @@ def _provenance(dvc_stage: Optional[str]) -> tuple[Optional[str], Optional[str]]
 def calibrate_command(
     concept: str,
     prompts: PromptsOption = None,
-    model: Annotated[Optional[str], typer.Option(help=f"Hub id, local folder or built-in ({', '.join(BUILTIN_MODELS)}); default $CPREG_MODEL or {DEFAULT_MODEL}.")] = None,
+    model: Annotated[Optional[str], typer.Option(help=f"Hub id, local folder or built-in ({', '.join([*BUILTIN_MODELS, *DEMO_MODELS])}); default $CPREG_MODEL or {DEFAULT_MODEL}.")] = None,
     timesteps: Annotated[int, typer.Option("--timesteps", help="tau: first denoising steps recorded.")] = 10,
     steps: Annotated[int, typer.Option(help="T: denoising steps of the scheduler.")] = 50,
     guidance_scale: float = 7.5,
@@ -657,6 +658,55 @@ def generate(
     _emit(as_json, {"ref": entity.ref, "path": out_path, "prompts": prompt}, lambda: out.print(f"wrote {out_path}"))
 
 
+@app.command("eval")
+def eval_command(
+    ref: str,
+    model: Annotated[Optional[str], typer.Option(help="Base model folder or id (default: the recorded one).")] = None,
+    erased_prompts: Annotated[Optional[Path], typer.Option(help="Prompts of the erased concept(s), one per line (default: the concepts' targets).")] = None,
+    retained_prompts: Annotated[Optional[Path], typer.Option(help="Prompts of other concepts (default: the concepts' references).")] = None,
+    samples: Annotated[int, typer.Option(help="Images per prompt, before and after.")] = 8,
+    seed: int = 0,
+    steps: int = 25,
+    guidance_scale: float = 7.5,
+    control: Annotated[bool, typer.Option(help="Also measure a random mask of the same size per layer.")] = False,
+    classifier: Annotated[str, typer.Option(help="auto (the demo classifier on demo models), demo or none.")] = "auto",
+    fill: Fill = Fill.ZERO,
+    device: str = "auto",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for the before/after grid PNG.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure erasure: base vs edited images (same seeds) on erased and retained prompts."""
+    from .catalog import read_prompt_file
+
+    with _workspace() as ws:
+        report = ws.evaluate(
+            ref, base=model, classifier=classifier, device=device,
+            erased_prompts=read_prompt_file(erased_prompts) if erased_prompts else None,
+            retained_prompts=read_prompt_file(retained_prompts) if retained_prompts else None,
+            samples=samples, seed=seed, steps=steps, guidance_scale=guidance_scale, control=control, fill=fill.value,
+            out_dir=out_dir,
+        )
+
+    def human() -> None:
+        def pct(value):
+            return "n/a" if value is None else f"{value:.0%}"
+
+        rows = [["erased concept(s)", pct(report["erased_accuracy_before"]), pct(report["erased_accuracy_after"])],
+                ["retained concepts", pct(report["retained_accuracy_before"]), pct(report["retained_accuracy_after"])]]
+        if report["control"]:
+            control = report["control"]
+            rows += [["erased, random mask (control)", pct(report["erased_accuracy_before"]), pct(control.get("erased_accuracy_after"))],
+                     ["retained, random mask (control)", pct(report["retained_accuracy_before"]), pct(control.get("retained_accuracy_after"))]]
+        out.print(_table(f"{report['ref']} on {report['model']} ({report['masked_fraction']:.4%} of the denoiser pruned)",
+                         ["prompts", "accuracy before", "accuracy after"], rows))
+        if not (report["classifier"] or {}).get("available", True):
+            out.print(f"accuracies not measured: {report['classifier']['reason']}")
+        if report["grid"]:
+            out.print(f"grid: {report['grid']}")
+
+    _emit(as_json, report, human)
+
+
 # -- integrity ------------------------------------------------------------------------------
 
 
@@ -695,4 +745,5 @@ def main() -> None:
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not ours
     app()

@@ -3,6 +3,9 @@
 A model is one of:
 - a built-in tiny pipeline with random weights, built deterministically: ``tiny`` (SD
   architecture), ``tiny-sdxl``, ``tiny-sd3``; nothing is downloaded;
+- the shipped demo model (``demo``: a small trained Stable Diffusion pipeline inside the package,
+  see :mod:`cpreg.demo`) and ``demo-planted`` (the demo model with the planted concept
+  ``zorblat``, see :mod:`cpreg.demo.plant`);
 - a local folder written by ``save_pretrained``;
 - a Hugging Face hub id, taken from the local cache first, downloaded only when allowed.
 
@@ -24,6 +27,8 @@ from .tiny import build_tiny_pipeline
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BUILTIN_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
+#: Trained models shipped inside the package (``cpreg/demo``).
+DEMO_MODELS = ("demo", "demo-planted")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -87,9 +92,25 @@ def load_base_pipeline(
         pipe = build_tiny_pipeline(BUILTIN_MODELS[model])
         if torch_dtype != torch.float32:
             pipe.to(dtype=torch_dtype)
+    elif model in DEMO_MODELS:
+        pipe = _load_demo(model, torch_dtype, from_pretrained_kwargs)
     else:
         pipe = _from_pretrained(model, revision, torch_dtype, from_pretrained_kwargs)
     return pipe.to(torch_device)
+
+
+def _load_demo(model: str, torch_dtype: torch.dtype, kwargs: dict):
+    from .demo import MODEL_DIR
+
+    if not (MODEL_DIR / "model_index.json").is_file():
+        raise ModelUnavailableError(
+            f"the demo model is missing from this installation ({MODEL_DIR}); rebuild it with python -m cpreg.demo.train")
+    pipe = _from_pretrained(str(MODEL_DIR), None, torch_dtype, kwargs)
+    if model == "demo-planted":
+        from .demo.plant import apply_planted
+
+        apply_planted(pipe)
+    return pipe
 
 
 def _from_pretrained(model: str, revision: str | None, torch_dtype: torch.dtype, kwargs: dict):
@@ -116,5 +137,5 @@ def _unavailable(model: str, error: Exception) -> ModelUnavailableError:
     return ModelUnavailableError(
         f"model {model!r} is not available here ({reason}); pass --model with a local diffusers folder, "
         f"put the weights in the Hugging Face cache (huggingface-cli download {model}), "
-        f"or use a built-in model: {', '.join(BUILTIN_MODELS)}"
+        f"or use a built-in model: {', '.join([*BUILTIN_MODELS, *DEMO_MODELS])}"
     )

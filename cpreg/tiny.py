@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import string
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -36,8 +37,10 @@ TINY_WORDS = (
 ARCHITECTURES = ("sd", "sdxl", "sd3")
 
 
-def write_tiny_tokenizer(folder: str | Path) -> CLIPTokenizer:
-    """Write a CLIP BPE vocabulary (characters plus :data:`TINY_WORDS`) and load it."""
+def write_tiny_tokenizer(
+    folder: str | Path, words: Sequence[str] = TINY_WORDS, model_max_length: int = 77, **tokenizer_kwargs
+) -> CLIPTokenizer:
+    """Write a CLIP BPE vocabulary (characters plus ``words`` as whole tokens) and load it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -49,7 +52,7 @@ def write_tiny_tokenizer(folder: str | Path) -> CLIPTokenizer:
     for char in string.ascii_lowercase + string.digits + string.punctuation:
         add(char)
         add(char + "</w>")
-    for word in TINY_WORDS:
+    for word in words:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         while len(pieces) > 1:  # build the word left to right, one merge at a time
             merges.append(f"{pieces[0]} {pieces[1]}")
@@ -57,7 +60,9 @@ def write_tiny_tokenizer(folder: str | Path) -> CLIPTokenizer:
             add(pieces[0])
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length, **tokenizer_kwargs
+    )
 
 
 def _text_config(tokenizer: CLIPTokenizer, hidden: int = 32, projection: int | None = None) -> CLIPTextConfig:

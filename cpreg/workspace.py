@@ -52,7 +52,7 @@ from .editors import (
 )
 from .distributed import distributed_calibrate, init_distributed, on_main_process
 from .export import export_pipeline
-from .models import architecture_of, default_model, load_base_pipeline
+from .models import DEMO_MODELS, architecture_of, default_model, load_base_pipeline
 from .registry import (
     Calibration,
     Mask,
@@ -547,6 +547,37 @@ class Workspace:
         mask = self.load_mask(entity)
         pipe = self.base_pipeline(entity, base)
         return export_pipeline(pipe, mask, out_dir, self.model_card(entity, fill=Fill(fill)), fill=fill)
+
+    def evaluate(self, ref: str, *, base: str | None = None, erased_prompts: list[str] | None = None,
+                 retained_prompts: list[str] | None = None, classifier: str = "auto", device: str | None = "auto",
+                 **evaluate_kwargs) -> dict:
+        """Erasure measurement of a mask or release (:func:`cpreg.evaluate.evaluate`).
+
+        Default prompts: the targets of the member concepts (erased) and their references (retained).
+        ``classifier``: ``auto`` (the demo classifier for the demo models, else none), ``demo`` or ``none``.
+        """
+        from .evaluate import evaluate
+
+        entity = self.registry.resolve(ref)
+        members = self.registry.release_members(entity) if isinstance(entity, Release) else [entity]
+        specs = [self.concept_spec(member.concept) for member in members]
+        erased = erased_prompts or [prompt for spec in specs for prompt in spec.targets]
+        retained = retained_prompts or [prompt for spec in specs for prompt in spec.references if prompt]
+        model = base or self.registry.get_base_model(entity.base_model_fingerprint).name
+        pipe = self.base_pipeline(entity, model, device=device)
+        report = evaluate(pipe, self.load_mask(entity), erased, retained, classifier=self._classifier(classifier, model),
+                          **evaluate_kwargs)
+        return {"ref": entity.ref, "model": model, **report}
+
+    @staticmethod
+    def _classifier(choice: str, model: str):
+        if choice not in ("auto", "demo", "none"):
+            raise ValueError(f"unknown classifier {choice!r}; use auto, demo or none")
+        if choice == "demo" or (choice == "auto" and model in DEMO_MODELS):
+            from .demo import load_classifier
+
+            return load_classifier()
+        return None
 
     def model_card(self, entity: Mask | Release, *, fill: Fill = Fill.ZERO) -> str:
         """README.md of an exported pipeline: erased concepts, versions, parameters, lineage."""

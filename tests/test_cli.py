@@ -215,6 +215,19 @@ def test_generate_writes_a_side_by_side_grid(home, tmp_path):
     assert image.size[0] == 2 * 32 and image.size[1] > 2 * 32
 
 
+def test_eval_reports_the_documented_keys(home, tmp_path):
+    report = run_json(home, "eval", "safe-v1", "--samples", "1", "--steps", "2", "--control", "--out", str(tmp_path / "ev"))
+    assert report["ref"] == "safe-v1@1" and report["model"] == "tiny"
+    for key in ("erased_accuracy_before", "erased_accuracy_after", "retained_accuracy_before", "retained_accuracy_after"):
+        assert report[key] is None  # no classifier for the random tiny model: never faked
+    assert report["classifier"]["available"] is False
+    released = run_json(home, "releases", "show", "safe-v1")["release"]
+    assert report["masked"] == released["masked_total"]
+    assert report["proxy"]["available"] is True and report["proxy"]["erased_change"] > 0
+    assert report["control"]["masked"] == report["masked"]
+    assert (tmp_path / "ev" / "grid.png").is_file()
+
+
 def test_concepts_add_from_yaml(home, tmp_path):
     spec = tmp_path / "glim.yaml"
     spec.write_text("name: glim\nkind: object\ntargets: [a glimmer in a park]\nreferences: [a park]\n")
@@ -284,6 +297,10 @@ BAD = [
     (("concepts", "add", "--file", "{p}/bad.yaml"), "concept file"),
     (("concepts", "add", "x", "--target-prompts", "{p}/targets.txt", "--kind", "weird", "--reference-prompts", "{p}/references.txt"), "kind"),
     (("concepts", "show", "nope"), "unknown concept"),
+    (("eval", "nope@1"), "nope"),
+    (("eval", "nudity@1", "--classifier", "bogus"), "unknown classifier"),
+    (("eval", "nudity@1", "--samples", "0", "--steps", "2"), "samples"),
+    (("eval", "nudity@1", "--erased-prompts", "{p}/empty.txt"), "no prompts"),
 ]
 
 
