@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
@@ -81,8 +82,8 @@ def _check_prompts(kind: str, prompts: Sequence[str]) -> list[str]:
     if not prompts:
         raise ValueError(f"no {kind} prompts")
     for prompt in prompts:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{kind} prompts must be non-empty strings, got {prompt!r}")
+        if not isinstance(prompt, str):  # "" is allowed: the empty prompt is the memorisation reference
+            raise ValueError(f"{kind} prompts must be strings, got {prompt!r}")
     return prompts
 
 
@@ -110,6 +111,7 @@ def _progress(enabled: bool):
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
+        console=Console(stderr=True),  # stdout stays clean for --json
         transient=True,
     )
 

@@ -235,6 +235,14 @@ def test_concepts_add_from_yaml(home, tmp_path):
     assert run_json(home, "compute", "glim", *FAST)["ref"] == "glim@1"
 
 
+def test_memorization_concept_uses_the_empty_prompt(home, tmp_path):
+    (tmp_path / "memorised.txt").write_text("a famous memorised photo\nanother memorised caption\n")
+    run(home, "concepts", "add", "memo", "--kind", "memorization", "--target-prompts", str(tmp_path / "memorised.txt"))
+    pairs = run_json(home, "concepts", "show", "memo")["pairs"]
+    assert [pair["reference"] for pair in pairs] == ["", ""]
+    assert run_json(home, "compute", "memo", *FAST)["ref"] == "memo@1"
+
+
 def test_console_script_runs(home):
     script = Path(sys.executable).with_name("cpreg")
     ok = subprocess.run([str(script), "--home", str(home), "masks", "show", "nudity@prod", "--json"],
