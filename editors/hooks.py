@@ -101,5 +101,11 @@ def hooked_layers(pipe, hook: HookPoint | str) -> HookedLayers:
             raise ValueError(f"hook {hook.value}: `{path}` is a {type(module).__name__}, not nn.Linear")
         modules[path] = module
     if not modules:
-        raise ValueError(f"hook {hook.value} finds no layers in {type(root).__name__} (`{component}`)")
+        hint = ""
+        if hook in (HookPoint.ATTN2_K, HookPoint.ATTN2_V):
+            hint = (
+                ": it has no cross-attention (`attn2`) modules; joint-attention transformers such as SD3"
+                " mix text and image tokens in one attention, so use ffn_out or ffn_in"
+            )
+        raise ValueError(f"hook {hook.value} finds no layers in {type(root).__name__} (`{component}`){hint}")
     return HookedLayers(hook=hook, component=component, modules=modules)

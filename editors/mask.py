@@ -123,7 +123,16 @@ class ConceptMask:
         }
 
     def with_select_ratio(self, select_ratio: float) -> ConceptMask:
-        """Keep only weights skilled in more than ``select_ratio * tau`` steps."""
+        """Keep only weights skilled in more than ``select_ratio * tau`` steps.
+
+        Raises:
+            ValueError: ``select_ratio`` is outside [0, 1) (as in ``derive_mask``) or below the
+                mask's own, or the mask records no ``tau`` (a union of masks).
+        """
+        if not 0.0 <= select_ratio < 1.0:
+            raise ValueError(f"select_ratio must be in [0, 1), got {select_ratio}")
+        if "tau" not in self.params:
+            raise ValueError("this mask records no tau (a union of masks?): derive it again to change select_ratio")
         tau = int(self.params["tau"])
         if select_ratio < float(self.params.get("select_ratio", 0.0)):
             raise ValueError("a stored mask can only be made stricter (higher select_ratio)")

@@ -1,0 +1,479 @@
+"""Benchmark: ConceptPrune calibration and mask derivation.
+
+In one run, on the same model and prompts, this times
+
+(a) ``engine``:  ``cpreg.editors.calibrate`` (T steps scheduled, stops after tau, batched, no decode);
+(b) ``literal``: the reference-code way: one pipeline call per prompt, the full T steps, the
+    image decoded (default ``output_type``), the global RNG re-seeded per prompt, a forward hook
+    on every ``ff.net.0`` output accumulating the statistics of steps < tau;
+(c) ``bare``:    the same batches through the pipeline, stopped after tau denoiser calls by a
+    pre-hook, with no layer hooks: the floor for (a); ``(a_loop - c) / c`` is the hook overhead,
+    ``a_loop`` being (a) without the model fingerprint it also computes (timed separately);
+(d) ``derive``:  ``derive_mask`` from synthetic statistics for the 16 SD 1.5 ``ff.net.2`` shapes.
+
+Models: ``tiny`` (the tiny random SD pipeline of cpreg.tiny) or ``sd15`` (the Stable Diffusion 1.5
+architecture -- UNet, CLIP ViT-L/14 text encoder, VAE -- with random weights built from its
+config; nothing is downloaded; the tokenizer is the tiny offline one). Scheduler: DDIM, so T
+steps are exactly T denoiser calls.
+
+Examples:
+    python benchmarks/bench_calibration.py --model tiny
+    python benchmarks/bench_calibration.py --model sd15 --targets 2 --references 2 --batch-size 4
+    python benchmarks/bench_calibration.py --model sd15 --device cuda --targets 8 --references 8 --repeats 3
+    python benchmarks/bench_calibration.py --derive-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import torch
+
+from cpreg.editors import CalibrationConfig, calibrate, derive_mask, model_fingerprint
+from cpreg.editors.stats import ActivationStats
+
+THINGS = ["dog", "cat", "house", "tree", "car", "church", "city street", "landscape", "man", "woman", "red circle", "blue square"]
+STYLES = ["van gogh", "monet", "picasso"]
+
+# SD 1.5 ff.net.2 layers: (path prefix, model width); in_features = 4 * width
+SD15_FFN = (
+    [(f"down_blocks.{b}.attentions.{a}", w) for b, w in ((0, 320), (1, 640), (2, 1280)) for a in (0, 1)]
+    + [("mid_block.attentions.0", 1280)]
+    + [(f"up_blocks.{b}.attentions.{a}", w) for b, w in ((1, 1280), (2, 640), (3, 320)) for a in (0, 1, 2)]
+)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def prompts(n_targets: int, n_references: int) -> tuple[list[str], list[str]]:
+    targets = [f"a {THINGS[i % len(THINGS)]} in the style of {STYLES[i // len(THINGS) % len(STYLES)]}" for i in range(n_targets)]
+    references = [f"a photo of a {THINGS[i % len(THINGS)]}" for i in range(n_references)]
+    return targets, references
+
+
+def build_sd15(device: str, dtype: torch.dtype, seed: int = 0):
+    """SD 1.5's architecture with random weights, from configs only (no download)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cpreg.tiny import write_tiny_tokenizer
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = write_tiny_tokenizer(folder)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            bos_token_id=0,  # the tiny tokenizer's special tokens
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe.to(device=device, dtype=dtype)
+
+
+def build(model: str, device: str, dtype: torch.dtype):
+    if model == "tiny":
+        from cpreg.tiny import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline("sd").to(device=device, dtype=dtype)
+    else:
+        pipe = build_sd15(device, dtype)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def timer(result: list, device: str, cpu: list | None = None):
+    """Append the wall time to ``result`` and, if given, this process's CPU time (all threads) to ``cpu``."""
+    sync(device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    yield
+    sync(device)
+    result.append(time.perf_counter() - start)
+    if cpu is not None:
+        cpu.append(time.process_time() - start_cpu)
+
+
+class _Stop(Exception):
+    pass
+
+
+def run_engine(pipe, targets, references, args):
+    config = CalibrationConfig(
+        num_inference_steps=args.steps, tau=args.tau, guidance_scale=args.guidance, batch_size=args.batch_size, height=args.size, width=args.size
+    )
+    return calibrate(pipe, targets, references, config)
+
+
+def run_bare(pipe, targets, references, args) -> int:
+    """The engine's batches through the pipeline, stopped after tau denoiser calls, no layer hooks."""
+    calls = [0]
+
+    def stop(module, args_, kwargs):
+        if calls[0] == args.tau:
+            raise _Stop
+        calls[0] += 1
+
+    handle = pipe.unet.register_forward_pre_hook(stop, with_kwargs=True)
+    items = targets + references
+    total = 0
+    try:
+        for start in range(0, len(items), args.batch_size):
+            batch = items[start : start + args.batch_size]
+            calls[0] = 0
+            generators = [torch.Generator("cpu").manual_seed(args.seed) for _ in batch]
+            try:
+                pipe(
+                    prompt=batch,
+                    generator=generators,
+                    num_inference_steps=args.steps,
+                    guidance_scale=args.guidance,
+                    output_type="latent",
+                    height=args.size,
+                    width=args.size,
+                )
+            except _Stop:
+                pass
+            total += calls[0]
+    finally:
+        handle.remove()
+    return total
+
+
+def run_literal(pipe, targets, references, args) -> dict:
+    """The reference code's way: per prompt, full T steps, decoded image, hook on ff.net.0 outputs."""
+    geglus = {name[:-1] + "2": module for name, module in pipe.unet.named_modules() if name.endswith("ff.net.0")}
+    sums = {"target": {}, "reference": {}}
+    state = {"calls": 0, "set": "target"}
+
+    def count(module, args_, kwargs):
+        state["calls"] += 1
+
+    def record(name):
+        def hook(module, inputs, output):
+            step = state["calls"] - 1
+            if step >= args.tau:
+                return
+            rows = output.detach().double().reshape(-1, output.shape[-1])  # float64: the exact reference
+            rows = rows / rows.norm(dim=1, keepdim=True)
+            table = sums[state["set"]]
+            if name not in table:
+                table[name] = torch.zeros(args.tau, rows.shape[1], device=rows.device, dtype=torch.float64)
+            table[name][step] += rows.square().sum(0)
+
+        return hook
+
+    handles = [pipe.unet.register_forward_pre_hook(count, with_kwargs=True)]
+    handles += [module.register_forward_hook(record(name)) for name, module in geglus.items()]
+    try:
+        for kind, group in (("target", targets), ("reference", references)):
+            for prompt in group:
+                state["calls"], state["set"] = 0, kind
+                torch.manual_seed(args.seed)
+                image = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.size, width=args.size).images[0]
+                assert state["calls"] == args.steps and image.size == (args.size, args.size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums
+
+
+def bench_per_call(pipe, targets, references, args) -> dict:
+    """Hook overhead per denoiser call: one UNet forward on a fixed guidance batch, alternately with
+    and without the engine's recording hooks (the same ones ``calibrate`` registers), many times."""
+    from cpreg.editors.calibrate import _Recorder
+    from cpreg.editors.hooks import hooked_layers
+
+    items = (targets + references)[: args.batch_size]
+    device = pipe.unet.device
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(items, device, 1, True, negative_prompt=None)[:2]
+        embeddings = torch.cat([uncond, cond])
+        latents = torch.randn(len(items), 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
+        latents = torch.cat([latents, latents]).to(device=device, dtype=pipe.unet.dtype)
+    layers = hooked_layers(pipe, "ffn_out")
+    recorder = _Recorder(layers, 1, device)
+    recorder.start_batch([0] * len(items))
+
+    def forward():
+        with torch.no_grad():
+            pipe.unet(latents, 500, encoder_hidden_states=embeddings)
+
+    spent = [0.0]
+
+    def timed_hook(name):
+        # the engine's own hook, plus a clock around it: the time the hooks take inside the call,
+        # a measure that load from other processes slows down alike with the call itself
+        record = recorder.layer_hook(name)
+
+        def hook(module, inputs):
+            sync(args.device)
+            start = time.perf_counter()
+            record(module, inputs)
+            sync(args.device)
+            spent[0] += time.perf_counter() - start
+
+        return hook
+
+    forward()  # warm-up
+    bare, hooked, bare_cpu, hooked_cpu, shares = [], [], [], [], []
+    for _ in range(args.per_call):
+        with timer(bare, args.device, bare_cpu):
+            forward()
+        handles = [module.register_forward_pre_hook(timed_hook(name)) for name, module in layers.modules.items()]
+        spent[0] = 0.0
+        try:
+            with timer(hooked, args.device, hooked_cpu):
+                forward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        shares.append(spent[0] / (hooked[-1] - spent[0]))
+    ratios = [h / b - 1 for h, b in zip(hooked, bare)]
+    result = {
+        "batch_rows": latents.shape[0],
+        "bare_s": bare,
+        "hooked_s": hooked,
+        "bare_cpu_s": bare_cpu,
+        "hooked_cpu_s": hooked_cpu,
+        "overhead_min_wall": min(hooked) / min(bare) - 1,
+        "overhead_min_cpu": min(hooked_cpu) / min(bare_cpu) - 1,
+        "overhead_median_pair_wall": statistics.median(ratios),
+        "hook_time_over_rest": shares,
+        "hook_time_over_rest_median": statistics.median(shares),
+    }
+    log(
+        f"per call ({latents.shape[0]} rows): bare min {min(bare):.3f} s, hooked min {min(hooked):.3f} s;"
+        f" overhead {result['overhead_min_wall']:+.2%} (min wall), {result['overhead_min_cpu']:+.2%} (min CPU),"
+        f" {result['overhead_median_pair_wall']:+.2%} (median of pairs); time inside the hooks:"
+        f" {result['hook_time_over_rest_median']:+.2%} of the rest of the call (median)"
+    )
+    return result
+
+
+def synthetic_sd15_stats(tau: int, device: str):
+    generator = torch.Generator().manual_seed(0)
+    shapes = {f"{prefix}.transformer_blocks.0.ff.net.2": (width, 4 * width) for prefix, width in SD15_FFN}
+    weights = {name: (torch.randn(shape, generator=generator) / math.sqrt(shape[1])).to(device) for name, shape in shapes.items()}
+    stats = ActivationStats(
+        target={name: torch.rand(tau, shape[1], generator=generator) * 100 for name, shape in shapes.items()},
+        reference={name: torch.rand(tau, shape[1], generator=generator) * 100 for name, shape in shapes.items()},
+        config=CalibrationConfig(num_inference_steps=50, tau=tau),
+        component="unet",
+        layer_shapes=shapes,
+        num_target_prompts=1,
+        num_reference_prompts=1,
+        component_params=859_520_964,
+    )
+    return stats, weights
+
+
+def bench_derive(args) -> dict:
+    stats, weights = synthetic_sd15_stats(args.tau, args.device)
+    assert len(weights) == 16 and sum(w.numel() for w in weights.values()) == 49_561_600
+    times = []
+    mask = derive_mask(stats, weights, skill_ratio=0.01, tau=args.tau)  # warm-up
+    for _ in range(args.derive_repeats):
+        with timer(times, args.device):
+            mask = derive_mask(stats, weights, skill_ratio=0.01, tau=args.tau)
+    log(f"derive_mask: {[round(t, 3) for t in times]} s, {mask.num_masked} masked ({mask.fraction:.4%} of UNet weights)")
+    return {"seconds": times, "min_s": min(times), "median_s": statistics.median(times), "masked": mask.num_masked, "layers": 16, "weights": 49_561_600}
+
+
+def compare(engine_stats, literal_sums) -> dict:
+    """Differences between the engine's and the literal statistics (sums of squares).
+
+    ``elementwise``: the largest |ours - theirs| / |theirs| of any (step, column);
+    ``normwise``: the largest ||ours - theirs|| / ||theirs|| of any (layer, step).
+    """
+    elementwise = normwise = 0.0
+    for kind in ("target", "reference"):
+        ours = getattr(engine_stats, kind)
+        for name, value in literal_sums[kind].items():
+            theirs = value.cpu().double()
+            difference = ours[name].double() - theirs
+            elementwise = max(elementwise, float((difference.abs() / theirs.abs().clamp_min(1e-30)).max()))
+            normwise = max(normwise, float((difference.norm(dim=1) / theirs.norm(dim=1)).max()))
+    return {"elementwise": elementwise, "normwise": normwise}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("--targets", type=int, default=None, help="target prompts (default: tiny 8, sd15 2)")
+    parser.add_argument("--references", type=int, default=None, help="reference prompts (default: tiny 8, sd15 2)")
+    parser.add_argument("--steps", type=int, default=50, help="T, scheduled denoising steps")
+    parser.add_argument("--tau", type=int, default=10)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts per engine batch (default: all prompts)")
+    parser.add_argument("--size", type=int, default=None, help="image size (default: tiny 32, sd15 256)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved engine/bare repeats (default: tiny 5, sd15 2)")
+    parser.add_argument("--derive-repeats", type=int, default=5)
+    parser.add_argument("--skip-literal", action="store_true", help="do not run (b), the slow literal loop")
+    parser.add_argument("--skip-loops", action="store_true", help="do not run (a) and (c), the engine and bare loops")
+    parser.add_argument(
+        "--per-call", type=int, default=0, help="also time N alternating UNet calls with/without the engine's hooks"
+    )
+    parser.add_argument("--skip-derive", action="store_true")
+    parser.add_argument("--derive-only", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    tiny = args.model == "tiny"
+    args.targets = args.targets if args.targets is not None else (8 if tiny else 2)
+    args.references = args.references if args.references is not None else (8 if tiny else 2)
+    args.size = args.size or (32 if tiny else 256)
+    args.repeats = args.repeats or (5 if tiny else 2)
+    args.batch_size = args.batch_size or (args.targets + args.references)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+
+    result = {
+        "args": vars(args),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        },
+    }
+    if not args.derive_only:
+        log(f"building {args.model} on {args.device} ({args.dtype})")
+        start = time.perf_counter()
+        pipe = build(args.model, args.device, dtype)
+        result["build_s"] = time.perf_counter() - start
+        targets, references = prompts(args.targets, args.references)
+        result["prompts"] = {"targets": targets, "references": references}
+        n = len(targets) + len(references)
+
+        log("warm-up")
+        warm = argparse.Namespace(**{**vars(args), "steps": 2, "tau": 1})
+        run_bare(pipe, targets[:1], references[:1], warm)
+        run_engine(pipe, targets[:1], references[:1], warm)
+
+        if args.per_call:
+            result["per_call"] = bench_per_call(pipe, targets, references, args)
+    if not args.derive_only and not args.skip_loops:
+        fingerprint, fingerprint_cpu = [], []
+        with timer(fingerprint, args.device, fingerprint_cpu):
+            model_fingerprint(pipe)
+        log(f"model_fingerprint: {fingerprint[0]:.2f} s")
+        engine, engine_cpu, bare, bare_cpu, engine_stats = [], [], [], [], None
+        # Interleaved repeats; the minimum is the run least disturbed by other load on the machine.
+        for repeat in range(args.repeats):
+            with timer(bare, args.device, bare_cpu):
+                calls = run_bare(pipe, targets, references, args)
+            log(f"bare loop #{repeat}: {bare[-1]:.2f} s wall, {bare_cpu[-1]:.2f} s CPU ({calls} denoiser calls)")
+            with timer(engine, args.device, engine_cpu):
+                engine_stats = run_engine(pipe, targets, references, args)
+            log(f"engine calibrate #{repeat}: {engine[-1]:.2f} s wall, {engine_cpu[-1]:.2f} s CPU")
+        # the engine also fingerprints the model; the hook overhead compares the loops alone
+        engine_loop = min(engine) - fingerprint[0]
+        engine_loop_cpu = min(engine_cpu) - fingerprint_cpu[0]
+        result.update(
+            fingerprint_s=fingerprint[0],
+            engine_s=engine,
+            engine_cpu_s=engine_cpu,
+            bare_s=bare,
+            bare_cpu_s=bare_cpu,
+            engine_min_s=min(engine),
+            engine_loop_min_s=engine_loop,
+            bare_min_s=min(bare),
+            hook_overhead_wall=engine_loop / min(bare) - 1,
+            hook_overhead_cpu=engine_loop_cpu / min(bare_cpu) - 1,
+            engine_denoiser_calls=math.ceil(n / args.batch_size) * args.tau,
+        )
+        log(f"hook overhead: {result['hook_overhead_wall']:+.2%} wall, {result['hook_overhead_cpu']:+.2%} CPU time")
+        if not args.skip_literal:
+            literal, literal_cpu = [], []
+            with timer(literal, args.device, literal_cpu):
+                sums = run_literal(pipe, targets, references, args)
+            result.update(
+                literal_s=literal[0],
+                literal_cpu_s=literal_cpu[0],
+                literal_denoiser_calls=n * args.steps,
+                speedup_vs_literal=literal[0] / min(engine),
+                speedup_vs_literal_cpu=literal_cpu[0] / min(engine_cpu),
+                max_relative_difference=compare(engine_stats, sums),
+            )
+            log(
+                f"literal: {literal[0]:.2f} s wall, {literal_cpu[0]:.2f} s CPU; speedup {result['speedup_vs_literal']:.1f}x;"
+                f" statistics differ by {result['max_relative_difference']}"
+            )
+    if not args.skip_derive:
+        result["derive"] = bench_derive(args)
+
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
