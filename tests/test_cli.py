@@ -314,17 +314,22 @@ BAD = [
 
 @pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _) in enumerate(BAD)])
 def test_bad_input_is_one_clear_line_and_changes_nothing(home, args, message, monkeypatch):
+    check_bad_input(home, args, message, state, monkeypatch)
+
+
+def check_bad_input(home: Path, args: tuple[str, ...], message: str, snapshot, monkeypatch) -> None:
+    """``args`` fail with exit 1 and one ``error:`` line containing ``message``; ``snapshot(home)`` is unchanged."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     prompts = home.parent.parent / "prompts"
     (prompts / "empty.txt").write_text("# nothing\n\n")
     (prompts / "three.txt").write_text("a\nb\nc\n")
     (prompts / "bad.yaml").write_text("targets: [unclosed\n")
     (prompts / "existing.npz").write_bytes(b"keep me")
-    before = state(home)
+    before = snapshot(home)
     result = run(home, *[a.format(p=prompts) for a in args], expect=1)
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert message.lower() in result.stderr.lower(), result.stderr
-    assert state(home) == before
+    assert snapshot(home) == before
     assert (prompts / "existing.npz").read_bytes() == b"keep me"
 
 
@@ -492,18 +497,7 @@ def test_postgres_diff_and_export_mask(pg_home, tmp_path):
 @on_postgres
 @pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _) in enumerate(BAD)])
 def test_postgres_bad_input_is_one_clear_line_and_changes_nothing(pg_home, args, message, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    prompts = pg_home.parent.parent / "prompts"
-    (prompts / "empty.txt").write_text("# nothing\n\n")
-    (prompts / "three.txt").write_text("a\nb\nc\n")
-    (prompts / "bad.yaml").write_text("targets: [unclosed\n")
-    (prompts / "existing.npz").write_bytes(b"keep me")
-    before = pg_state(pg_home)
-    result = run(pg_home, *[a.format(p=prompts) for a in args], expect=1)
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert message.lower() in result.stderr.lower(), result.stderr
-    assert pg_state(pg_home) == before
-    assert (prompts / "existing.npz").read_bytes() == b"keep me"
+    check_bad_input(pg_home, args, message, pg_state, monkeypatch)
 
 
 @on_postgres
