@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import torch
+
 from .artifacts import (
     ArtifactError,
     mask_from_bytes,
@@ -37,6 +39,7 @@ from .artifacts import (
     stats_to_bytes,
 )
 from .catalog import CATALOG, ConceptSpec, builtin_concept
+from .distributed import distributed_calibrate, init_distributed, on_main_process
 from .editors import (
     ActivationStats,
     CalibrationConfig,
@@ -45,12 +48,13 @@ from .editors import (
     MaskEdit,
     apply_mask,
     calibrate,
+    component_module,
+    denoiser_component,
     derive_mask,
     hooked_layers,
     model_fingerprint,
     union,
 )
-from .distributed import distributed_calibrate, init_distributed, on_main_process
 from .export import export_pipeline
 from .models import DEMO_MODELS, architecture_of, default_model, load_base_pipeline
 from .registry import (
@@ -522,8 +526,9 @@ class Workspace:
         return pipe
 
     def _check_fingerprint(self, pipe, entity: Mask | Release, model: str) -> None:
-        if str(next(pipe.components["text_encoder"].parameters()).dtype) == "torch.bfloat16" if "text_encoder" in pipe.components else False:
-            return  # bf16 weights round differently: names and shapes are still checked on apply
+        denoiser = component_module(pipe, denoiser_component(pipe))
+        if next(denoiser.parameters()).dtype == torch.bfloat16:
+            return  # bf16 rounds differently (docs/method.md): names and shapes are still checked on apply
         found = model_fingerprint(pipe)
         if found != entity.base_model_fingerprint:
             raise ValueError(
