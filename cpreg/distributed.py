@@ -246,35 +246,39 @@ def distributed_calibrate(
 
 
 def on_main_process(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on rank 0 only and return its result on every rank.
+    """Run ``fn`` on rank 0 only and return its JSON-able result on every rank.
 
-    Rank 0's result (picklable, e.g. a registry ``Mask``) is broadcast to the other ranks; if
-    ``fn`` raises on rank 0, every rank raises (rank 0 the original exception, the others the
-    same exception object as received). Without a process group ``fn()`` simply runs.
+    The result travels as UTF-8 JSON in a uint8 tensor (nothing is pickled); if ``fn`` raises on
+    rank 0, rank 0 re-raises it and the other ranks raise a RuntimeError with its message, so no
+    rank waits forever. Without a process group ``fn()`` simply runs.
 
     Example:
-        >>> mask = on_main_process(lambda: registry.add_mask("nudity", concept_mask, model))
+        >>> version = on_main_process(lambda: registry.add_mask("nudity", concept_mask, model).version)
     """
     if not is_distributed() or dist.get_world_size() == 1:
         return fn()
-    box: list = [None]
+    message: dict = {}
     failure: BaseException | None = None
     if dist.get_rank() == 0:
         try:
-            box[0] = ("ok", fn())
+            message = {"ok": fn()}
         except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
-            failure = exc
-            try:
-                import pickle
-
-                pickle.dumps(exc)
-                box[0] = ("error", exc)
-            except Exception:  # noqa: BLE001 - an exception that does not pickle: send its text
-                box[0] = ("error", RuntimeError(f"rank 0 failed: {type(exc).__name__}: {exc}"))
-    dist.broadcast_object_list(box, src=0)
+            failure, message = exc, {"error": f"{type(exc).__name__}: {exc}"}
+    received = _broadcast_json(message)
     if failure is not None:
         raise failure
-    status, value = box[0]
-    if status == "error":
-        raise value
-    return value
+    if "error" in received:
+        raise RuntimeError(f"rank 0 failed: {received['error']}")
+    return received["ok"]
+
+
+def _broadcast_json(value) -> dict:
+    """Rank 0's JSON-able ``value`` on every rank, sent as bytes in tensors."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8, device=device)
+    size = torch.tensor([data.numel()], dtype=torch.long, device=device)
+    dist.broadcast(size, src=0)
+    if dist.get_rank() != 0:
+        data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(data, src=0)
+    return json.loads(bytes(data.cpu().tolist()).decode())

@@ -236,16 +236,18 @@ class Workspace:
         layers = hooked_layers(pipe, config.hook)
         mask = derive_mask(stats, {n: m.weight for n, m in layers.modules.items()}, skill_ratio, select_ratio=select_ratio)
 
-        def record() -> Mask:  # only rank 0 writes artifacts and registry rows
+        def record() -> list:  # only rank 0 writes artifacts and registry rows; the others get the ref
             base = self.registry.ensure_base_model(model, stats.fingerprint, architecture=architecture_of(pipe))
             concept_row = self._ensure_concept(spec)
             calibration = self._add_calibration(spec, stats, base, layers, duration, dvc_stage, git_rev)
-            return self.registry.add_mask(
+            added = self.registry.add_mask(
                 concept_row, mask, base, calibration,
                 description=description, dvc_stage=dvc_stage, git_rev=git_rev, reuse_existing=reuse_existing,
             )
+            return [added.concept, added.version, added.base_model_fingerprint]
 
-        return on_main_process(record)
+        concept_name, version, fingerprint = on_main_process(record)
+        return self.registry.resolve_mask(f"{concept_name}@{version}", base_model=fingerprint)
 
     def _add_calibration(self, spec: ConceptSpec, stats: ActivationStats, base, layers, duration: float,
                          dvc_stage: str | None, git_rev: str | None) -> Calibration:
