@@ -499,10 +499,9 @@ def release_command(
     files = [masks_dir / f"{member}.parquet" for member in members]
     data = [read_input(path, "mask file") for path in files]
     dvc_stage, git_rev = _provenance(dvc_stage)
-    provenance = ", ".join(([f"dvc stage {dvc_stage}"] if dvc_stage else []) + ([f"git {git_rev[:12]}"] if git_rev else []))
-    notes = f"{note} [{provenance}]".strip() if provenance else note
     with _workspace() as ws:
-        result = ws.release_from_masks(name, list(zip(members, data)), notes, sources=[str(path) for path in files])
+        result = ws.release_from_masks(name, list(zip(members, data)), note, sources=[str(path) for path in files],
+                                       dvc_stage=dvc_stage, git_rev=git_rev)
         base = ws.registry.get_base_model(result.release.base_model_fingerprint)
     entry = result.release
     member_files = [str(files[members.index(mask.concept)]) for mask in result.members]
@@ -558,11 +557,17 @@ def metrics_command(
     _emit(as_json, {"metrics": values, "path": metrics, "plots": plots_dir}, human)
 
 
+def _made_by(entry) -> str:
+    """``stage@rev`` of the DVC stage and git revision that made a row ('' when neither is known)."""
+    return "@".join(part for part in (entry.dvc_stage, (entry.git_rev or "")[:12]) if part)
+
+
 def _release_rows(releases) -> list[list]:
-    return [[r.ref, ", ".join(r.members), f"{r.masked_total:,}", r.hook, r.notes, f"{r.created_at:%Y-%m-%d %H:%M}"] for r in releases]
+    return [[r.ref, ", ".join(r.members), f"{r.masked_total:,}", r.hook, r.notes, _made_by(r), f"{r.created_at:%Y-%m-%d %H:%M}"]
+            for r in releases]
 
 
-RELEASE_COLUMNS = ["ref", "members", "masked", "hook", "notes", "created"]
+RELEASE_COLUMNS = ["ref", "members", "masked", "hook", "notes", "made by", "created"]
 
 
 @releases_app.command("list")

@@ -463,13 +463,21 @@ class Workspace:
         return next((c for c in candidates if c.stats_oid == oid), None)
 
     def release_from_masks(
-        self, name: str, members: list[tuple[str, bytes]], notes: str = "", *, sources: list[str] | None = None
+        self,
+        name: str,
+        members: list[tuple[str, bytes]],
+        notes: str = "",
+        *,
+        sources: list[str] | None = None,
+        dvc_stage: str | None = None,
+        git_rev: str | None = None,
     ) -> ReleaseResult:
         """Compose release ``name`` from mask files' bytes, ``[(concept, bytes), ...]``; idempotent.
 
         Each file must be a registered mask version of its concept (found by content); when the
         latest version of ``name`` has the same member versions and union, it is returned and no
-        new version is created. ``sources`` name the files in error messages.
+        new version is created (it keeps the stage and revision that made it). ``sources`` name
+        the files in error messages.
         """
         validate_name(name, "release name")
         if not members:
@@ -501,7 +509,9 @@ class Workspace:
         if existing and existing[-1].union_oid == oid and set(existing[-1].member_ids) == member_ids:
             release, reused = existing[-1], True
         else:
-            release, reused = self.registry.compose(name, [entry for entry, _ in unique], notes), False
+            release = self.registry.compose(name, [entry for entry, _ in unique], notes,
+                                            dvc_stage=dvc_stage, git_rev=git_rev)
+            reused = False
         ordered = sorted((entry for entry, _ in unique), key=lambda entry: release.member_ids.index(entry.id))
         return ReleaseResult(release, tuple(ordered), data, reused)
 

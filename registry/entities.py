@@ -160,6 +160,8 @@ class Release:
     member_ids: tuple[int, ...]
     created_at: datetime
     created_by: str
+    dvc_stage: str | None = None
+    git_rev: str | None = None
 
     @property
     def ref(self) -> str:

@@ -189,6 +189,8 @@ class ReleaseRow(Base):
     notes: Mapped[str] = mapped_column(Text, nullable=False, default="")
     created_at: Mapped[datetime] = _created_at()
     created_by: Mapped[str] = mapped_column(String(ACTOR_LEN), nullable=False)
+    dvc_stage: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    git_rev: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class ReleaseMemberRow(Base):

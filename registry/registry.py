@@ -547,6 +547,8 @@ class Registry:
                 member_ids=tuple(mask_id for mask_id, _ in members.get(row.id, ())),
                 created_at=_utc(row.created_at),
                 created_by=row.created_by,
+                dvc_stage=row.dvc_stage,
+                git_rev=row.git_rev,
             )
             for row in rows
         ]
@@ -1186,12 +1188,15 @@ class Registry:
         *,
         base_model: BaseModelArg | None = None,
         created_by: str | None = None,
+        dvc_stage: str | None = None,
+        git_rev: str | None = None,
     ) -> Release:
         """Store the union of the masks ``refs`` name as the next version of release ``name``.
 
         All members must share base model, hook point, component and layers; otherwise
         :class:`IncompatibleMasksError` names the odd one and nothing is stored. The union does
-        not depend on the order of ``refs`` (same members: same ``union_oid``).
+        not depend on the order of ``refs`` (same members: same ``union_oid``). ``dvc_stage``
+        and ``git_rev`` record which pipeline stage and commit made it (``cpreg release`` sets them).
 
         Example:
             >>> reg.compose("safe-v1", ["nudity@prod", "van-gogh@2"], notes="Q3 release").ref
@@ -1200,6 +1205,8 @@ class Registry:
         validate_name(name, "release name")
         _text(notes, "notes")
         _text(created_by, "created_by", ACTOR_LEN, optional=True)
+        _text(dvc_stage, "dvc_stage", 256, optional=True)
+        _text(git_rev, "git_rev", 64, optional=True)
         if isinstance(refs, (str, Mask)):
             refs = [refs]
         refs = list(refs)
@@ -1254,6 +1261,8 @@ class Registry:
                 masked_total=merged.num_masked,
                 notes=notes,
                 created_by=created_by or self.actor,
+                dvc_stage=dvc_stage,
+                git_rev=git_rev,
             )
             session.add(row)
             session.flush()

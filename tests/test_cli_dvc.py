@@ -143,10 +143,12 @@ def test_stage_and_git_revision_are_recorded(project, monkeypatch):
                     "--dvc-stage", "mask@nudity", "--out", "data/masks/nudity.parquet", "--force")["mask"]
     assert mask["dvc_stage"] == "mask@nudity" and mask["git_rev"] == head
     release = run_json("release", "safe-v1", "nudity", "glim", "--note", "weekly")["release"]
-    assert release["ref"] == "safe-v1@2" and release["notes"] == f"weekly [dvc stage calibrate@glim, git {head[:12]}]"
+    assert release["ref"] == "safe-v1@2" and release["notes"] == "weekly"
+    assert release["dvc_stage"] == "calibrate@glim" and release["git_rev"] == head
     monkeypatch.delenv("DVC_STAGE")
     release = run_json("release", "safe-v1", "nudity")["release"]
-    assert release["ref"] == "safe-v1@3" and release["notes"] == f"[git {head[:12]}]"
+    assert release["ref"] == "safe-v1@3" and (release["dvc_stage"], release["git_rev"]) == (None, head)
+    assert run_json("releases", "show", "safe-v1@2")["release"]["dvc_stage"] == "calibrate@glim"
 
 
 # -- mask ---------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def test_migrated_database_matches_orm_and_downgrades(tmp_path):
     url = db_url(tmp_path)
     assert current(url) is None
     upgrade(url)
-    assert current(url) == head() == "0001"
+    assert current(url) == head() == "0002"
     assert _tables(url) == TABLES | {"alembic_version"}
     assert _diff(url) == []
 
@@ -73,6 +73,40 @@ def test_migrated_database_matches_orm_and_downgrades(tmp_path):
     upgrade(url)
     assert current(url) == head()
     assert _diff(url) == []
+
+
+def _rows(url: str, table: str) -> list[dict]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return [dict(row._mapping) for row in connection.execute(text(f"SELECT * FROM {table} ORDER BY 1, 2"))]
+    finally:
+        engine.dispose()
+
+
+def test_release_provenance_migration_keeps_every_row(tmp_path):
+    """0001 -> 0002 -> 0001 with releases stored: rows and members survive both ways."""
+    url = db_url(tmp_path)
+    with open_registry(tmp_path) as reg:
+        model = reg.ensure_base_model("tiny", FP_A)
+        reg.add_concept("nudity", "nudity")
+        reg.add_concept("van-gogh", "style")
+        masks = [reg.add_mask(name, make_mask(seed), model) for seed, name in enumerate(("nudity", "van-gogh"))]
+        reg.compose("safe-v1", masks, dvc_stage="release", git_rev="a" * 40)
+    members = _rows(url, "release_members")
+    assert len(members) == 2
+
+    downgrade(url, "0001")
+    old = _rows(url, "releases")
+    assert "dvc_stage" not in old[0] and _rows(url, "release_members") == members
+
+    upgrade(url)
+    assert _rows(url, "release_members") == members
+    with open_registry(tmp_path) as reg:
+        release = reg.resolve_release("safe-v1")
+        assert (release.dvc_stage, release.git_rev) == (None, None)  # 0001 had nowhere to keep them
+        assert release.members == ("nudity@1", "van-gogh@1") and release.notes == old[0]["notes"]
+        assert reg.compose("safe-v1", masks, dvc_stage="release", git_rev="b" * 40).git_rev == "b" * 40
 
 
 @sqlite_only
