@@ -520,18 +520,34 @@ def metrics_command(
     record: Annotated[Path, typer.Argument(help="Release record (NAME.json) written by `cpreg release --out-dir`.")],
     metrics: Annotated[Optional[Path], typer.Option(help="Write the metrics to this JSON file.")] = None,
     plots_dir: Annotated[Optional[Path], typer.Option(help="Write one per-layer density CSV per member and for the release here.")] = None,
+    eval_samples: Annotated[int, typer.Option(help="Also measure erasure as `cpreg eval` does, with N images per prompt (0: skip).")] = 0,
+    eval_seed: Annotated[int, typer.Option(help="Seed of the erasure measurement.")] = 0,
+    eval_steps: Annotated[int, typer.Option(help="Denoising steps of the erasure measurement.")] = 25,
+    eval_out: Annotated[Optional[Path], typer.Option(help="Folder for the erasure grid.png and report.json.")] = None,
+    classifier: Annotated[str, typer.Option(help="Classifier of the erasure measurement (see `cpreg eval`).")] = "auto",
     force: ForceOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Masked fraction per member and in total, and per-layer density, of a release record's files."""
+    """Masked fraction per member and in total, per-layer density and (optionally) erasure of a release record.
+
+    With ``--eval-samples N`` the metrics also hold ``erasure``: the accuracies before / after and the
+    classifier-free proxy of ``cpreg eval`` on the members' prompts (base vs. edited, same seeds).
+    """
     from .pipeline import (
         canonical_json,
         check_output,
+        erasure_metrics,
         evaluate_release,
         read_release_record,
         write_output,
     )
 
+    if eval_samples < 0:
+        raise ValueError(f"--eval-samples must be >= 0, got {eval_samples}")
+    if eval_steps < 1:
+        raise ValueError(f"--eval-steps must be >= 1, got {eval_steps}")
+    if eval_out is not None and eval_out.exists() and not eval_out.is_dir():
+        raise ValueError(f"--eval-out {str(eval_out)!r} is not a folder")
     if metrics is not None:
         check_output(metrics, (".json",), force=force, what="--metrics")
     if plots_dir is not None:
@@ -539,7 +555,15 @@ def metrics_command(
             raise ValueError(f"--plots-dir {str(plots_dir)!r} is not a folder")
         if plots_dir.is_dir() and any(plots_dir.iterdir()) and not force:
             raise ValueError(f"{str(plots_dir)!r} is not empty; pass --force to replace its CSV files")
-    values, plots = evaluate_release(read_release_record(record))
+    release = read_release_record(record)
+    values, plots = evaluate_release(release)
+    if eval_samples:
+        with _workspace() as ws:
+            if ws.registry.resolve_release(release["ref"]).union_oid != release["union_oid"]:
+                raise ValueError(f"{release['ref']} in the registry is not the release of {str(record)!r}")
+            report = ws.evaluate(release["ref"], classifier=classifier, samples=eval_samples, seed=eval_seed,
+                                 steps=eval_steps, out_dir=eval_out)
+        values["erasure"] = erasure_metrics(report)
     if metrics is not None:
         write_output(metrics, canonical_json(values))
     if plots_dir is not None:
@@ -553,6 +577,8 @@ def metrics_command(
         rows = [[concept, f"{row['masked']:,}", f"{row['fraction']:.4%}"] for concept, row in values["concepts"].items()]
         rows.append(["total", f"{values['total']['masked']:,}", f"{values['total']['fraction']:.4%}"])
         out.print(_table(escape(str(record)), ["member", "masked", "of weights"], rows))
+        if "erasure" in values:
+            out.print(_table("erasure", ["metric", "value"], [[k, "n/a" if v is None else f"{v:.4g}"] for k, v in values["erasure"].items()]))
 
     _emit(as_json, {"metrics": values, "path": metrics, "plots": plots_dir}, human)
 

@@ -167,3 +167,35 @@ def _density_csv(mask, short: dict[str, str]) -> str:
     for name, row in sorted(mask.report()["layers"].items()):
         writer.writerow([short[name], repr(row["density"]), row["masked"], row["weights"], name])
     return out.getvalue()
+
+
+#: The numbers of a ``cpreg eval`` report that the ``evaluate`` stage keeps as DVC metrics.
+ERASURE_METRICS = (
+    "erased_accuracy_before",
+    "erased_accuracy_after",
+    "retained_accuracy_before",
+    "retained_accuracy_after",
+    "masked_fraction",
+)
+
+
+def erasure_metrics(report: dict) -> dict:
+    """The DVC metrics of an erasure report (:func:`cpreg.evaluate.evaluate`): numbers only.
+
+    Accuracies are ``None`` when no classifier measured them (``classifier_available`` is then
+    0); ``proxy_*`` is the classifier-free change of the noise prediction, on any model.
+
+    Example:
+        >>> erasure_metrics(report)["erased_accuracy_after"]
+        0.05
+    """
+    proxy = report["proxy"]
+    available = proxy.get("available", True)
+    return {
+        **{key: report[key] for key in ERASURE_METRICS},
+        "classifier_available": int(bool((report["classifier"] or {}).get("available"))),
+        "proxy_erased_change": proxy["erased_change"] if available else None,
+        "proxy_retained_change": proxy["retained_change"] if available else None,
+        "proxy_ratio": proxy["ratio"] if available else None,
+        "samples": report["settings"]["samples"],
+    }

@@ -242,6 +242,21 @@ def test_metrics_writes_masked_fractions_and_density_tables(project):
     assert "total" in run("metrics", "data/release/safe-v1.json").stdout  # the human table
 
 
+def test_metrics_with_erasure_measurement(project):
+    """``--eval-samples``: the numbers of ``cpreg eval`` join the metrics (no classifier for the tiny model)."""
+    result = run_json("metrics", "data/release/safe-v1.json", "--metrics", "data/metrics.json",
+                      "--eval-samples", "1", "--eval-steps", "2", "--eval-out", "data/eval")
+    erasure = json.loads(Path("data/metrics.json").read_text())["erasure"]
+    assert erasure == result["metrics"]["erasure"]
+    report = json.loads(Path("data/eval/report.json").read_text())
+    assert Path("data/eval/grid.png").is_file() and report["settings"]["samples"] == erasure["samples"] == 1
+    assert erasure["classifier_available"] == 0 and erasure["erased_accuracy_after"] is None
+    assert erasure["masked_fraction"] == report["masked_fraction"] > 0
+    assert (erasure["proxy_erased_change"], erasure["proxy_retained_change"], erasure["proxy_ratio"]) == (
+        report["proxy"]["erased_change"], report["proxy"]["retained_change"], report["proxy"]["ratio"])
+    assert "erasure" in run("metrics", "data/release/safe-v1.json", "--eval-samples", "1", "--eval-steps", "2").stdout
+
+
 def test_export_of_a_release_record(project, tmp_path):
     result = run_json("export", "data/release/safe-v1.json", str(tmp_path / "pipe"))
     assert result["ref"] == "safe-v1@1"
@@ -290,6 +305,12 @@ BAD = [
     (("metrics", "data/release/safe-v1.json", "--metrics", "bad/metrics.yaml"), ".json"),
     (("metrics", "data/release/safe-v1.json", "--plots-dir", "data/release"), "not empty"),
     (("metrics", "data/release/safe-v1.json", "--plots-dir", "data/release/safe-v1.json"), "not a folder"),
+    (("metrics", "data/release/safe-v1.json", "--eval-samples", "-1"), "--eval-samples must be >= 0"),
+    (("metrics", "data/release/safe-v1.json", "--eval-samples", "1", "--eval-steps", "0"), "--eval-steps must be >= 1"),
+    (("metrics", "data/release/safe-v1.json", "--eval-samples", "1", "--eval-out", "data/release/safe-v1.json"),
+     "not a folder"),
+    (("metrics", "data/release/safe-v1.json", "--metrics", "bad/m.json", "--eval-samples", "1", "--classifier", "bogus"),
+     "classifier"),
     (("export", "bad/changed-union.json", "bad/out"), "not the release recorded"),
 ]
 

@@ -1,6 +1,7 @@
 """The project's DVC pipeline (dvc.yaml, params.yaml), run with the real ``dvc`` CLI.
 
-A temporary git repository gets a copy of the pipeline files with the tiny model and tiny T/tau;
+A temporary git repository gets a copy of the pipeline files (the shipped demo model, as by
+default) with tiny T/tau and a short erasure measurement;
 ``dvc repro`` must produce the artifacts and registry rows, a second ``dvc repro`` must change
 nothing, and a skill_ratio change must rerun only mask, release and evaluate.
 """
@@ -25,7 +26,8 @@ pytest.importorskip("dvc", reason="the DVC pipeline tests need `pip install cpre
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DVC = BIN / "dvc"
-STAGES = ["calibrate@nudity", "calibrate@van-gogh", "mask@nudity", "mask@van-gogh", "release", "evaluate"]
+CONCEPTS = ("zorblat", "circle")
+STAGES = ["calibrate@zorblat", "calibrate@circle", "mask@zorblat", "mask@circle", "release", "evaluate"]
 
 
 def _env(tmp: Path) -> dict:
@@ -93,8 +95,10 @@ def repo(tmp_path_factory) -> Repo:
     shutil.copytree(ROOT / "concepts", path / "concepts")
     repo = Repo(path, _env(tmp))
     params = repo.params()
-    assert params["model"] == "tiny" and params["export"] == []  # the defaults run offline
-    params["calibration"].update(steps=2, tau=1, batch_size=40, device="cpu")
+    assert params["model"] == "demo-planted" and params["export"] == []  # the defaults run offline
+    assert list(params["concepts"]) == list(CONCEPTS)
+    params["calibration"].update(steps=4, tau=2, device="cpu")
+    params["evaluation"].update(samples=1, steps=2)
     repo.set_params(params)
     repo.sh("git", "init", "-q")
     repo.dvc("init", "-q")
@@ -110,11 +114,23 @@ def test_repro_makes_the_artifacts_and_registry_rows(repo):
     for stage in STAGES:
         assert f"Running stage '{stage}'" in repo.first
     data = repo.path / "data"
-    for name in ("nudity", "van-gogh"):
+    for name in CONCEPTS:
         assert (data / "stats" / f"{name}.safetensors").is_file() and (data / "masks" / f"{name}.parquet").is_file()
     record = json.loads((data / "release" / "safe-v1.json").read_text())
     metrics = json.loads((data / "metrics.json").read_text())
-    assert sorted(p.name for p in (data / "plots" / "density").iterdir()) == ["nudity.csv", "safe-v1.csv", "van-gogh.csv"]
+    assert sorted(p.name for p in (data / "plots" / "density").iterdir()) == ["circle.csv", "safe-v1.csv", "zorblat.csv"]
+    report = json.loads((data / "eval" / "report.json").read_text())
+    assert (data / "eval" / "grid.png").is_file()
+    erasure = metrics["erasure"]
+    assert erasure["classifier_available"] == 1 and erasure["samples"] == 1  # the demo classifier
+    for key in ("erased_accuracy_before", "erased_accuracy_after", "retained_accuracy_before", "retained_accuracy_after",
+                "masked_fraction"):
+        assert erasure[key] == report[key] and 0 <= erasure[key] <= 1
+    assert erasure["proxy_ratio"] == report["proxy"]["ratio"]
+    # Defaults: every member's targets are erased; references that are another member's target are not "retained".
+    erased, retained = report["settings"]["erased_prompts"], report["settings"]["retained_prompts"]
+    assert "a red zorblat on white" in erased and "a red circle on white" in erased
+    assert not set(erased) & set(retained) and "a red square on white" in retained
     assert (repo.path / "dvc.lock").is_file()
     assert repo.counts() | {"events": 0} == {
         "base_models": 1, "concepts": 2, "prompt_sets": 2, "calibrations": 2, "masks": 2, "aliases": 0,
@@ -124,7 +140,7 @@ def test_repro_makes_the_artifacts_and_registry_rows(repo):
         calibrations = {c.dvc_stage: c for c in reg.list_calibrations()}
         masks = {m.concept: m for m in reg.list_masks()}
         release = reg.resolve_release("safe-v1")
-    for name in ("nudity", "van-gogh"):
+    for name in CONCEPTS:
         assert calibrations[f"calibrate@{name}"].git_rev == repo.head
         assert calibrations[f"calibrate@{name}"].stats_oid == sha(data / "stats" / f"{name}.safetensors")
         assert masks[name].dvc_stage == f"mask@{name}" and masks[name].git_rev == repo.head
@@ -150,8 +166,8 @@ def test_second_repro_changes_nothing(repo):
 def test_metrics_show_prints_the_metrics(repo):
     metrics = json.loads((repo.path / "data" / "metrics.json").read_text())
     output = repo.dvc("metrics", "show")
-    for key in ("total.masked", "total.fraction", "concepts.nudity.fraction", "concepts.van-gogh.masked",
-                "density.mid_block.attentions.0"):
+    for key in ("total.masked", "total.fraction", "concepts.zorblat.fraction", "concepts.circle.masked",
+                "density.mid_block.attentions.0", "erasure.erased_accuracy_after", "erasure.proxy_ratio"):
         assert key in output
     assert str(metrics["total"]["masked"]) in output
 
@@ -159,21 +175,21 @@ def test_metrics_show_prints_the_metrics(repo):
 def test_skill_ratio_change_reruns_only_mask_release_evaluate(repo):
     """Last: it changes the repository."""
     repo.commit("first run")
-    stats = repo.path / "data" / "stats" / "nudity.safetensors"
+    stats = repo.path / "data" / "stats" / "zorblat.safetensors"
     stats_state = (stats.stat().st_mtime_ns, sha(stats))
     before = repo.counts()
     params = repo.params()
-    params["concepts"]["nudity"]["skill_ratio"] = 0.02
+    params["concepts"]["zorblat"]["skill_ratio"] = 0.05
     repo.set_params(params)
     output = repo.dvc("repro")
-    for stage in ("mask@nudity", "release", "evaluate"):
+    for stage in ("mask@zorblat", "release", "evaluate"):
         assert f"Running stage '{stage}'" in output
-    for stage in ("calibrate@nudity", "calibrate@van-gogh", "mask@van-gogh"):
+    for stage in ("calibrate@zorblat", "calibrate@circle", "mask@circle"):
         assert f"Stage '{stage}' didn't change, skipping" in output
     assert (stats.stat().st_mtime_ns, sha(stats)) == stats_state
     after = repo.counts()
     assert after["calibrations"] == before["calibrations"]
     assert after["masks"] == before["masks"] + 1 and after["releases"] == before["releases"] + 1
     record = json.loads((repo.path / "data" / "release" / "safe-v1.json").read_text())
-    assert record["ref"] == "safe-v1@2" and [m["ref"] for m in record["members"]] == ["nudity@2", "van-gogh@1"]
-    assert "concepts.nudity.masked" in repo.dvc("metrics", "diff")
+    assert record["ref"] == "safe-v1@2" and [m["ref"] for m in record["members"]] == ["zorblat@2", "circle@1"]
+    assert "concepts.zorblat.masked" in repo.dvc("metrics", "diff")
