@@ -1,11 +1,14 @@
 """Train the demo model and its classifier, deterministically, on the CPU (or a GPU).
 
-    python -m cpreg.demo.train                  # all stages, writes cpreg/demo/model and classifier
-    python -m cpreg.demo.train --stage vae      # one stage: vae, unet, classifier, assemble
+    python -m cpreg.demo.train                                  # all stages, writes cpreg/demo/model and classifier
+    python -m cpreg.demo.train --stage vae --work runs/demo     # one stage: vae, unet, classifier, assemble
+    dvc repro benchmarks/demo/dvc.yaml                          # the same as a DVC stage (docs/erasure.md)
 
-Stages keep their checkpoints in ``--work`` (default ``~/.cache/cpreg/demo-train``, or under
-``$XDG_CACHE_HOME``) so a stage can be rerun alone. Fixed seeds, one thread by default (``--threads``): two threads were ~6x *slower* per step
-on the shared 2-core machine the shipped model was trained on.
+Stages keep their checkpoints in ``--work`` so a stage can be rerun alone (``--stage all`` without
+``--work`` uses a temporary folder). Fixed seeds: the same arguments give the same bytes on one
+machine and torch build, whatever ``--work`` is (tested with few steps). One thread by default
+(``--threads``): two threads were ~6x *slower* per step on the shared 2-core machine the shipped
+model was trained on.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,10 +96,18 @@ def train_classifier(work: Path, steps: int, batch: int, seed: int) -> None:
     log(f"classifier done in {time.time() - start:.0f}s")
 
 
+def _load(model_class, work: Path, component: str):
+    """A trained component from ``work``, named independently of where ``work`` is."""
+    model = model_class.from_pretrained(work / component, use_safetensors=True).eval()
+    if hasattr(model, "register_to_config"):  # diffusers models keep the load path in their saved config
+        model.register_to_config(_name_or_path=f"cpreg-demo/{component}")
+    return model
+
+
 def _load_vae(work: Path):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(work / "vae", use_safetensors=True).eval()
+    return _load(AutoencoderKL, work, "vae")
 
 
 def encode_pool(vae, n: int, seed: int, shapes=BASE_SHAPES) -> tuple[torch.Tensor, dict]:
@@ -173,9 +184,9 @@ def assemble(work: Path, out: Path, classifier_out: Path) -> None:
     tokenizer = build.write_tokenizer(work / "tokenizer")
     pipe = StableDiffusionPipeline(
         vae=_load_vae(work),
-        text_encoder=CLIPTextModel.from_pretrained(work / "text_encoder", use_safetensors=True),
+        text_encoder=_load(CLIPTextModel, work, "text_encoder"),
         tokenizer=tokenizer,
-        unet=UNet2DConditionModel.from_pretrained(work / "unet", use_safetensors=True),
+        unet=_load(UNet2DConditionModel, work, "unet"),
         scheduler=build.scheduler(),
         safety_checker=None,
         feature_extractor=None,
@@ -190,8 +201,7 @@ def assemble(work: Path, out: Path, classifier_out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cpreg.demo.train", description=__doc__.splitlines()[0])
     parser.add_argument("--stage", choices=["all", "vae", "unet", "classifier", "assemble"], default="all")
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    parser.add_argument("--work", type=Path, default=cache / "cpreg" / "demo-train")
+    parser.add_argument("--work", type=Path, default=None, help="checkpoint folder (required unless --stage all)")
     parser.add_argument("--out", type=Path, default=MODEL_DIR)
     parser.add_argument("--classifier-out", type=Path, default=CLASSIFIER_FILE)
     parser.add_argument("--seed", type=int, default=0)
@@ -203,7 +213,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool", type=int, default=30000)
     parser.add_argument("--classifier-steps", type=int, default=1500)
     args = parser.parse_args(argv)
+    if args.work is None and args.stage != "all":
+        parser.error(f"--stage {args.stage} needs --work (the folder of the other stages' checkpoints)")
     torch.set_num_threads(args.threads)
+    if args.work is None:
+        with tempfile.TemporaryDirectory(prefix="cpreg-demo-train-") as work:
+            args.work = Path(work)
+            run(args)
+    else:
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    """The stages ``args.stage`` selects, in order: vae, classifier, unet, assemble."""
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
     if args.stage in ("all", "vae"):
