@@ -700,7 +700,12 @@ def eval_command(
     steps: int = 25,
     guidance_scale: float = 7.5,
     control: Annotated[bool, typer.Option(help="Also measure a random mask of the same size per layer.")] = False,
-    classifier: Annotated[str, typer.Option(help="auto (the demo classifier on demo models), demo or none.")] = "auto",
+    classifier: Annotated[str, typer.Option(
+        help="auto, demo, nudenet (nudity), clip (the catalog's artists, Imagenette objects, genders) or none; "
+             "auto: demo on demo models, else nudenet or clip when available (docs/evaluation.md).")] = "auto",
+    clip_model: Annotated[Optional[str], typer.Option(
+        help="CLIP model folder or cached hub id for clip (default: $CPREG_CLIP_MODEL, else "
+             "openai/clip-vit-large-patch14 if in the Hugging Face cache; never downloaded).")] = None,
     fill: Fill = Fill.ZERO,
     device: str = "auto",
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for the before/after grid PNG.")] = None,
@@ -711,7 +716,7 @@ def eval_command(
 
     with _workspace() as ws:
         report = ws.evaluate(
-            ref, base=model, classifier=classifier, device=device,
+            ref, base=model, classifier=classifier, clip_model=clip_model, device=device,
             erased_prompts=read_prompt_file(erased_prompts) if erased_prompts else None,
             retained_prompts=read_prompt_file(retained_prompts) if retained_prompts else None,
             samples=samples, seed=seed, steps=steps, guidance_scale=guidance_scale, control=control, fill=fill.value,

@@ -138,6 +138,7 @@ def evaluate(
     retained_prompts: Sequence[str],
     *,
     classifier=None,
+    classifier_reason: str | None = None,
     samples: int = 4,
     seed: int = 0,
     steps: int = 25,
@@ -152,10 +153,10 @@ def evaluate(
 
     Returns a JSON-able dict; top-level keys: ``erased_accuracy_before``, ``erased_accuracy_after``,
     ``retained_accuracy_before``, ``retained_accuracy_after`` (fractions in [0, 1], or ``None``
-    when no classifier is given: ``classifier`` then says why), ``masked_fraction`` (masked weights
-    over all denoiser weights), ``masked``, ``proxy``, ``control`` (``None`` unless requested: the
-    same numbers for a random mask of the same size per layer), ``grid`` (PNG path or ``None``),
-    ``per_prompt`` and ``settings``.
+    when no classifier is given: ``classifier`` then says why, with ``classifier_reason``),
+    ``masked_fraction`` (masked weights over all denoiser weights), ``masked``, ``proxy``, ``control``
+    (``None`` unless requested: the same numbers for a random mask of the same size per layer),
+    ``grid`` (PNG path or ``None``), ``per_prompt`` and ``settings``.
     """
     erased_prompts, retained_prompts = list(erased_prompts), list(retained_prompts)
     if not erased_prompts:
@@ -197,7 +198,8 @@ def evaluate(
         "settings": {**run, "fill": str(fill), "erased_prompts": erased_prompts, "retained_prompts": retained_prompts},
     }
     if classifier is None:
-        report["classifier"] = {"available": False, "reason": "no classifier for this model: accuracies are not measured"}
+        reason = classifier_reason or "no classifier for this model: accuracies are not measured"
+        report["classifier"] = {"available": False, "reason": reason}
     else:
         report["classifier"] = {"available": True, "name": type(classifier).__name__}
         per_prompt = {}

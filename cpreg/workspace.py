@@ -56,7 +56,7 @@ from .editors import (
     union,
 )
 from .export import export_pipeline
-from .models import DEMO_MODELS, architecture_of, default_model, load_base_pipeline
+from .models import architecture_of, default_model, load_base_pipeline
 from .registry import (
     Calibration,
     Mask,
@@ -566,13 +566,16 @@ class Workspace:
         return export_pipeline(pipe, mask, out_dir, self.model_card(entity, fill=Fill(fill)), fill=fill)
 
     def evaluate(self, ref: str, *, base: str | None = None, erased_prompts: list[str] | None = None,
-                 retained_prompts: list[str] | None = None, classifier: str = "auto", device: str | None = "auto",
-                 **evaluate_kwargs) -> dict:
+                 retained_prompts: list[str] | None = None, classifier: str = "auto", clip_model: str | None = None,
+                 device: str | None = "auto", **evaluate_kwargs) -> dict:
         """Erasure measurement of a mask or release (:func:`cpreg.evaluate.evaluate`).
 
         Default prompts: the targets of the member concepts (erased) and their references (retained).
-        ``classifier``: ``auto`` (the demo classifier for the demo models, else none), ``demo`` or ``none``.
+        ``classifier``: ``auto``, ``demo``, ``nudenet``, ``clip`` or ``none``, resolved (with ``clip_model``)
+        by :func:`cpreg.classifiers.resolve_classifier` before the model is loaded; without one the report
+        says why.
         """
+        from .classifiers import resolve_classifier
         from .evaluate import evaluate
 
         entity = self.registry.resolve(ref)
@@ -581,20 +584,12 @@ class Workspace:
         erased = erased_prompts or [prompt for spec in specs for prompt in spec.targets]
         retained = retained_prompts or [prompt for spec in specs for prompt in spec.references if prompt]
         model = base or self.registry.get_base_model(entity.base_model_fingerprint).name
+        chosen = resolve_classifier(classifier, model=model, concepts=specs, erased_prompts=erased,
+                                    retained_prompts=retained, clip_model=clip_model, device=device)
         pipe = self.base_pipeline(entity, model, device=device)
-        report = evaluate(pipe, self.load_mask(entity), erased, retained, classifier=self._classifier(classifier, model),
-                          **evaluate_kwargs)
+        report = evaluate(pipe, self.load_mask(entity), erased, retained, classifier=chosen.classifier,
+                          classifier_reason=chosen.reason, **evaluate_kwargs)
         return {"ref": entity.ref, "model": model, **report}
-
-    @staticmethod
-    def _classifier(choice: str, model: str):
-        if choice not in ("auto", "demo", "none"):
-            raise ValueError(f"unknown classifier {choice!r}; use auto, demo or none")
-        if choice == "demo" or (choice == "auto" and model in DEMO_MODELS):
-            from .demo import load_classifier
-
-            return load_classifier()
-        return None
 
     def model_card(self, entity: Mask | Release, *, fill: Fill = Fill.ZERO) -> str:
         """README.md of an exported pipeline: erased concepts, versions, parameters, lineage."""
