@@ -180,8 +180,18 @@ class Workspace:
             return builtin_concept(name)
         if concept.prompt_set_id is None:
             return builtin_concept(name)
-        prompts = self.registry.get_prompt_set(concept.prompt_set_id)
+        return self._spec_with_prompts(concept, concept.prompt_set_id)
+
+    def _spec_with_prompts(self, concept, prompt_set_id: int) -> ConceptSpec:
+        prompts = self.registry.get_prompt_set(prompt_set_id)
         return ConceptSpec(concept.name, concept.kind, concept.description, tuple(zip(prompts.targets, prompts.references)))
+
+    def mask_spec(self, mask: Mask) -> ConceptSpec:
+        """The concept of ``mask`` with the prompts it was calibrated on (else :meth:`concept_spec`)."""
+        if mask.calibration_id is None:
+            return self.concept_spec(mask.concept)
+        calibration = self.registry.get_calibration(mask.calibration_id)
+        return self._spec_with_prompts(self.registry.get_concept(mask.concept), calibration.prompt_set_id)
 
     def add_concept(self, spec: ConceptSpec):
         """Register a custom concept and its prompts (a name of the built-in catalog is refused)."""
@@ -570,7 +580,8 @@ class Workspace:
                  device: str | None = "auto", **evaluate_kwargs) -> dict:
         """Erasure measurement of a mask or release (:func:`cpreg.evaluate.evaluate`).
 
-        Default prompts: the targets of the member concepts (erased) and their references (retained).
+        Default prompts: the targets the members were calibrated on (erased) and their references
+        that are no member's target (retained).
         ``classifier``: ``auto``, ``demo``, ``nudenet``, ``clip`` or ``none``, resolved (with ``clip_model``)
         by :func:`cpreg.classifiers.resolve_classifier` before the model is loaded; without one the report
         says why.
@@ -580,9 +591,10 @@ class Workspace:
 
         entity = self.registry.resolve(ref)
         members = self.registry.release_members(entity) if isinstance(entity, Release) else [entity]
-        specs = [self.concept_spec(member.concept) for member in members]
-        erased = erased_prompts or [prompt for spec in specs for prompt in spec.targets]
-        retained = retained_prompts or [prompt for spec in specs for prompt in spec.references if prompt]
+        specs = [self.mask_spec(member) for member in members]
+        erased = erased_prompts or list(dict.fromkeys(prompt for spec in specs for prompt in spec.targets))
+        retained = retained_prompts or list(dict.fromkeys(  # another member's target is not "retained"
+            prompt for spec in specs for prompt in spec.references if prompt and prompt not in erased))
         model = base or self.registry.get_base_model(entity.base_model_fingerprint).name
         chosen = resolve_classifier(classifier, model=model, concepts=specs, erased_prompts=erased,
                                     retained_prompts=retained, clip_model=clip_model, device=device)
