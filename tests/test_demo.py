@@ -80,11 +80,13 @@ def test_builtin_names_resolve():
     assert changed and changed <= set(truth)
 
 
-#: The documented setting of docs/erasure.md (planted benchmark): ffn_out, skill_ratio 0.02, tau 10 of T 50.
-PLANTED_SETTING = {"skill_ratio": 0.02, "tau": 10}
+#: The documented setting of docs/erasure.md (planted benchmark): ffn_out, skill_ratio 0.05, tau 10 of T 50.
+PLANTED_SETTING = {"skill_ratio": 0.05, "tau": 10}
 #: Measured with this test's prompts and seeds (4 zorblat prompts x 2 seeds, 4 other prompts x 2 seeds, 20 steps):
-#: erased 0.75 -> 0.00, retained 1.00 -> 1.00; bounds leave a margin for float differences across platforms.
-MEASURED = {"erased_before": 0.6, "erased_after": 0.25, "retained_after": 0.75}
+#: erased 0.875 -> 0.00, retained 1.00 -> 1.00; bounds leave a margin for float differences across platforms.
+MEASURED = {"erased_before": 0.75, "erased_after": 0.25, "retained_after": 0.75}
+#: Measured: precision 0.332, recall 0.488 (the issue's recall goal of 0.9 is NOT met; see docs/erasure.md).
+FOUND = {"precision": 0.3, "recall": 0.45}
 
 
 def test_planted_concept_is_found_and_erased_at_the_documented_setting(classifier):
@@ -107,8 +109,7 @@ def test_planted_concept_is_found_and_erased_at_the_documented_setting(classifie
     weights = {name: m.weight for name, m in hooked_layers(pipe, "ffn_out").modules.items()}
     mask = derive_mask(stats, weights, skill_ratio=PLANTED_SETTING["skill_ratio"])
     found = precision_recall(mask, planted_ffn_out_indices(pipe))
-    # measured: precision 0.590, recall 0.186 (the recall goal of 0.9 is NOT met; see docs)
-    assert found["precision"] >= 0.55 and found["recall"] >= 0.15
+    assert found["precision"] >= FOUND["precision"] and found["recall"] >= FOUND["recall"]
     erased = target_prompts()[::3]
     retained = retained_prompts()[::2]
     report = evaluate(pipe, mask, erased, retained, classifier=classifier, samples=2, seed=0, steps=20)

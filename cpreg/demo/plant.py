@@ -1,8 +1,8 @@
 """The planted-concept benchmark: teach the demo model ``zorblat`` in chosen FFN neurons only.
 
-A fixed, seeded set of inner neurons of every denoiser FeedForward (``1/16`` of them per layer)
-is fine-tuned on images of the new shape (a plus, captioned ``"a {colour} zorblat on {bg}"``)
-mixed with the known shapes; only those neurons' rows of ``ff.net.0.proj`` (value and gate
+A fixed, seeded set of inner neurons of every denoiser FeedForward (``1/32`` of them per layer:
+4 of 128, 8 of 256) is fine-tuned, from its base values, on images of the new shape (a plus,
+captioned ``"a {colour} zorblat on {bg}"``) mixed with the known shapes; only those neurons' rows of ``ff.net.0.proj`` (value and gate
 halves, with their biases) and columns of ``ff.net.2`` change, every other weight is restored
 bit-exactly after each step. The result ships as ``cpreg/demo/planted.safetensors`` (the new
 values of those rows/columns and the neuron indices: the ground truth).
@@ -36,14 +36,16 @@ from .data import (
     captions_for,
 )
 
-FRACTION = 16  # one neuron in FRACTION per FeedForward is planted
+FRACTION = 32  # one neuron in FRACTION per FeedForward is planted
 
 
 def feedforwards(unet) -> dict[str, FeedForward]:
+    """Every FeedForward of the denoiser, by module path."""
     return {name: module for name, module in unet.named_modules() if isinstance(module, FeedForward)}
 
 
 def choose_neurons(unet, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The planted neurons: ``1/FRACTION`` of every FeedForward's inner neurons, by a seeded permutation."""
     generator = torch.Generator().manual_seed(seed)
     chosen = {}
     for name, ff in sorted(feedforwards(unet).items()):
@@ -112,7 +114,8 @@ def apply_planted(pipe, path: str | Path = PLANTED_FILE):
     return pipe
 
 
-def load_planted_pipeline(dtype=torch.float32):
+def load_planted_pipeline(dtype: torch.dtype = torch.float32):
+    """The demo pipeline with the planted rows / columns of ``planted.safetensors``."""
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(MODEL_DIR, use_safetensors=True, dtype=dtype)
@@ -120,6 +123,13 @@ def load_planted_pipeline(dtype=torch.float32):
 
 
 def plant(steps: int, batch: int, seed: int, lr: float, out: Path, pool: int) -> None:
+    """Fine-tune only the chosen neurons on zorblat mixed 1:1 with the known shapes; write the ground truth.
+
+    The chosen neurons start from their base values. Every step: ``batch / 2`` zorblat images and as
+    many known-shape images, captioned as in training (10% short, 10% empty), denoising MSE, one Adam
+    step, then every entry outside the chosen rows / columns is written back from the base weights.
+    Deterministic for a given ``seed`` (2-4 minutes with one CPU thread at the defaults).
+    """
     from diffusers import DiffusionPipeline
 
     from .train import encode_pool, log
@@ -152,9 +162,6 @@ def plant(steps: int, batch: int, seed: int, lr: float, out: Path, pool: int) ->
     opt = torch.optim.Adam(trainable, lr=lr)
     alphas = pipe.scheduler.alphas_cumprod
     half = batch // 2
-    with torch.no_grad():
-        empty = text_encoder(tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                                       return_tensors="pt").input_ids)[0]
     for step in range(steps):
         i_new, i_old = rng.integers(0, pool, half), rng.integers(0, pool, batch - half)
         x0 = torch.cat([new_latents[i_new], old_latents[i_old]])
@@ -176,7 +183,6 @@ def plant(steps: int, batch: int, seed: int, lr: float, out: Path, pool: int) ->
                 param.copy_(torch.where(mask, param, original))
         if step % 50 == 0 or step == steps - 1:
             log(f"plant {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
-    del empty
     tensors = {}
     for name, neurons in chosen.items():
         ff = unet.get_submodule(name)
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cpreg.demo.plant", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=6e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pool", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=1)
