@@ -71,7 +71,6 @@ def test_a_single_stage_needs_its_work_folder(tmp_path):
 
 def test_training_is_a_dvc_stage(tmp_path):
     """benchmarks/demo/dvc.yaml with few steps, in a temporary git + DVC repository."""
-    pytest.importorskip("dvc", reason="the DVC pipeline tests need `pip install cpreg[dvc]`")
     from test_dvc_pipeline import Repo, _env
 
     project = tmp_path / "project"

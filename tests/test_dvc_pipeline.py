@@ -21,8 +21,6 @@ import yaml
 
 from cpreg.registry import Registry
 
-pytest.importorskip("dvc", reason="the DVC pipeline tests need `pip install cpreg[dvc]`")
-
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DVC = BIN / "dvc"
