@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +158,12 @@ def literal_statistics(pipe, targets, references, *, steps, tau, guidance_scale,
 def literal_calibration():
     """``literal_calibration(pipe, targets, references, *, steps, tau, guidance_scale, seed)``, see :func:`literal_statistics`."""
     return literal_statistics
+
+
+@pytest.fixture
+def home(template, tmp_path) -> Path:
+    """A private copy of the requesting module's ``template`` workspace: its ``.cpreg`` and ``prompts`` folders."""
+    workspace = tmp_path / "ws" / ".cpreg"
+    shutil.copytree(template, workspace)
+    shutil.copytree(template.parent / "prompts", tmp_path / "prompts")
+    return workspace

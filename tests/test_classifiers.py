@@ -6,7 +6,6 @@ Nothing is downloaded: NudeNet's detector ships in its wheel, the CLIP model is 
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -232,14 +231,6 @@ def template(tmp_path_factory) -> Path:
     for name, text in PROMPT_FILES.items():
         (prompts / name).write_text(text + "\n")
     return home
-
-
-@pytest.fixture
-def home(template, tmp_path) -> Path:
-    copy = tmp_path / "ws" / ".cpreg"
-    shutil.copytree(template, copy)
-    shutil.copytree(template.parent / "prompts", tmp_path / "prompts")
-    return copy
 
 
 def test_eval_with_nudenet_and_clip_measures_accuracies(home, tiny_clip):

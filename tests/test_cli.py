@@ -52,14 +52,6 @@ def template(tmp_path_factory) -> Path:
     return home
 
 
-@pytest.fixture
-def home(template, tmp_path) -> Path:
-    copy = tmp_path / "ws" / ".cpreg"
-    shutil.copytree(template, copy)
-    shutil.copytree(template.parent / "prompts", tmp_path / "prompts")
-    return copy
-
-
 def state(home: Path) -> dict:
     """Everything a failed command must leave unchanged."""
     with Registry(f"sqlite:///{home / 'registry.db'}", str(home)) as registry:

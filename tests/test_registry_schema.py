@@ -206,7 +206,6 @@ def test_schema_check_never_sees_half_of_a_concurrent_migration(tmp_path, monkey
     """A migration committing between reading the version and listing the tables must not make a
     new database look foreign ("tables but no schema version"): both reads see one state."""
     import threading
-    import time
 
     url = db_url(tmp_path)
     real_current = migrate._current
