@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 from sqlalchemy import URL, Engine, create_engine, event, make_url
@@ -38,6 +40,24 @@ def is_sqlite(db_url: str | URL) -> bool:
 def _is_memory(url: URL) -> bool:
     database = url.database or ""
     return database in ("", ":memory:") or url.query.get("mode") == "memory"
+
+
+def _use_wal(cursor: sqlite3.Cursor, deadline: float) -> None:
+    """Switch the database file to WAL (a persistent setting) unless it already is.
+
+    While another process is creating the file or switching its mode, SQLite may answer
+    "database is locked" at once, without its busy handler; retry until ``deadline``
+    (``time.monotonic()``) like the busy timeout would.
+    """
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 def make_engine(db_url: str | URL, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S, echo: bool = False) -> Engine:
@@ -67,7 +87,7 @@ def make_engine(db_url: str | URL, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEO
         try:
             cursor.execute(f"PRAGMA busy_timeout = {busy_ms:d}")  # an int we built: not user input
             cursor.execute("PRAGMA foreign_keys = ON")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _use_wal(cursor, time.monotonic() + busy_timeout_s)
         finally:
             cursor.close()
 

@@ -177,7 +177,7 @@ def test_skill_ratio_change_reruns_only_mask_release_evaluate(repo):
     stats_state = (stats.stat().st_mtime_ns, sha(stats))
     before = repo.counts()
     params = repo.params()
-    params["concepts"]["zorblat"]["skill_ratio"] = 0.05
+    params["concepts"]["zorblat"]["skill_ratio"] = 0.1
     repo.set_params(params)
     output = repo.dvc("repro")
     for stage in ("mask@zorblat", "release", "evaluate"):

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sqlite3
+import subprocess
+import sys
+import time
 
 import pytest
 from alembic import command
@@ -14,7 +18,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from cpreg.registry import Registry, SchemaError, current, downgrade, head, migrate, upgrade
-from cpreg.registry.db import make_engine
+from cpreg.registry.db import _use_wal, make_engine
 from cpreg.registry.orm import Base
 
 from registry_support import FP_A, db_url, drop_database, make_mask, open_registry, sqlite_only
@@ -168,6 +172,45 @@ def test_sqlite_connection_settings(tmp_path):
         assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
     engine.dispose()
+
+
+class _FlakyCursor:
+    """A cursor whose first ``locked`` calls fail with SQLITE_BUSY, as while another process creates the file."""
+
+    def __init__(self, locked: int, error: str = "database is locked") -> None:
+        self.locked, self.error, self.statements = locked, error, []
+
+    def execute(self, sql: str):
+        self.statements.append(sql)
+        if self.locked:
+            self.locked -= 1
+            raise sqlite3.OperationalError(self.error)
+        return self
+
+    def fetchone(self):
+        return ("wal",) if self.statements[-1] == "PRAGMA journal_mode = WAL" else ("delete",)
+
+
+def test_wal_switch_retries_while_another_process_holds_the_file():
+    cursor = _FlakyCursor(locked=2)
+    _use_wal(cursor, time.monotonic() + 5)
+    assert cursor.statements == ["PRAGMA journal_mode"] * 3 + ["PRAGMA journal_mode = WAL"]
+    with pytest.raises(sqlite3.OperationalError, match="locked"):  # past the deadline: the error surfaces
+        _use_wal(_FlakyCursor(locked=1000), time.monotonic() + 0.2)
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):  # anything else at once
+        _use_wal(_FlakyCursor(locked=1, error="disk I/O error"), time.monotonic() + 5)
+
+
+def test_processes_opening_a_new_database_at_once(tmp_path):
+    """Several processes create the same new registry concurrently: each opens it (no 'database is locked')."""
+    code = ("import sys; from cpreg.registry import Registry; from cpreg.artifacts import ObjectStore; "
+            "Registry(sys.argv[1], ObjectStore(sys.argv[2])).close()")
+    url, store = f"sqlite:///{tmp_path / 'registry.db'}", str(tmp_path / "store")
+    processes = [subprocess.Popen([sys.executable, "-c", code, url, store], stderr=subprocess.PIPE, text=True)
+                 for _ in range(6)]
+    errors = [p.communicate(timeout=120)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0] * 6, errors
+    assert current(url) == head()
 
 
 def test_in_memory_database(tmp_path):
