@@ -148,6 +148,7 @@ def evaluate(
     out_dir: str | Path | None = None,
     batch_size: int = 32,
     fill: str = "zero",
+    header: dict | None = None,
 ) -> dict:
     """Compare ``pipe`` with and without ``mask`` on the erased and the retained prompts.
 
@@ -156,7 +157,8 @@ def evaluate(
     when no classifier is given: ``classifier`` then says why, with ``classifier_reason``),
     ``masked_fraction`` (masked weights over all denoiser weights), ``masked``, ``proxy``, ``control``
     (``None`` unless requested: the same numbers for a random mask of the same size per layer),
-    ``grid`` (PNG path or ``None``), ``per_prompt`` and ``settings``.
+    ``grid`` (PNG path or ``None``), ``per_prompt`` and ``settings``. ``header`` (e.g. the ref and the
+    model) comes first in the report, and in ``out_dir/report.json``.
     """
     erased_prompts, retained_prompts = list(erased_prompts), list(retained_prompts)
     if not erased_prompts:
@@ -182,6 +184,7 @@ def evaluate(
                 images[label] = _generate(pipe, prompts, **run)
 
     report: dict = {
+        **(header or {}),
         "erased_accuracy_before": None,
         "erased_accuracy_after": None,
         "retained_accuracy_before": None,

@@ -599,9 +599,8 @@ class Workspace:
         chosen = resolve_classifier(classifier, model=model, concepts=specs, erased_prompts=erased,
                                     retained_prompts=retained, clip_model=clip_model, device=device)
         pipe = self.base_pipeline(entity, model, device=device)
-        report = evaluate(pipe, self.load_mask(entity), erased, retained, classifier=chosen.classifier,
-                          classifier_reason=chosen.reason, **evaluate_kwargs)
-        return {"ref": entity.ref, "model": model, **report}
+        return evaluate(pipe, self.load_mask(entity), erased, retained, classifier=chosen.classifier,
+                        classifier_reason=chosen.reason, header={"ref": entity.ref, "model": model}, **evaluate_kwargs)
 
     def model_card(self, entity: Mask | Release, *, fill: Fill = Fill.ZERO) -> str:
         """README.md of an exported pipeline: erased concepts, versions, parameters, lineage."""

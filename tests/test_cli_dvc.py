@@ -250,6 +250,7 @@ def test_metrics_with_erasure_measurement(project):
     assert erasure == result["metrics"]["erasure"]
     report = json.loads(Path("data/eval/report.json").read_text())
     assert Path("data/eval/grid.png").is_file() and report["settings"]["samples"] == erasure["samples"] == 1
+    assert (report["ref"], report["model"]) == ("safe-v1@1", "tiny")  # as `cpreg eval --json` prints it
     assert erasure["classifier_available"] == 0 and erasure["erased_accuracy_after"] is None
     assert erasure["masked_fraction"] == report["masked_fraction"] > 0
     assert (erasure["proxy_erased_change"], erasure["proxy_retained_change"], erasure["proxy_ratio"]) == (

@@ -118,7 +118,7 @@ def test_repro_makes_the_artifacts_and_registry_rows(repo):
     metrics = json.loads((data / "metrics.json").read_text())
     assert sorted(p.name for p in (data / "plots" / "density").iterdir()) == ["circle.csv", "safe-v1.csv", "zorblat.csv"]
     report = json.loads((data / "eval" / "report.json").read_text())
-    assert (data / "eval" / "grid.png").is_file()
+    assert (data / "eval" / "grid.png").is_file() and report["ref"] == "safe-v1@1" and report["model"] == "demo-planted"
     erasure = metrics["erasure"]
     assert erasure["classifier_available"] == 1 and erasure["samples"] == 1  # the demo classifier
     for key in ("erased_accuracy_before", "erased_accuracy_after", "retained_accuracy_before", "retained_accuracy_after",
