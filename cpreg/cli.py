@@ -53,7 +53,8 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except USER_ERRORS as error:
-            if _options["debug"] or isinstance(error, BrokenPipeError):  # click quiets a closed pipe itself
+            # typer's Exit / Abort (e.g. after a subcommand's --help) are RuntimeErrors: control flow, not errors.
+            if _options["debug"] or isinstance(error, (BrokenPipeError, typer.Exit, typer.Abort)):
                 raise
             text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error).strip()
             err.print(f"error: {text.splitlines()[0] if text else type(error).__name__}", markup=False, highlight=False)

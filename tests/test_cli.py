@@ -104,6 +104,25 @@ def test_db_commands(home):
     assert run_json(home, "db", "upgrade")["revision"] == current["head"]
 
 
+def _command_paths(group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = [prefix]
+    for name, command in group.commands.items():
+        paths += _command_paths(command, (*prefix, name)) if hasattr(command, "commands") else [(*prefix, name)]
+    return paths
+
+
+def test_every_help_exits_zero_with_usage_only(tmp_path):
+    """``--help`` of the app, of every group and of every command: usage on stdout, nothing on stderr, exit 0."""
+    import typer
+
+    paths = _command_paths(typer.main.get_command(app))
+    assert ("masks", "show") in paths and ("db",) in paths and ("eval",) in paths
+    for path in paths:
+        result = run(tmp_path / ".cpreg", *path, "--help")
+        assert result.stdout.startswith("Usage: ") and result.stderr == "", (path, result.stderr)
+    assert not (tmp_path / ".cpreg").exists()  # help touches no workspace
+
+
 def test_db_downgrade_then_upgrade(tmp_path):
     home = tmp_path / ".cpreg"
     head = run_json(home, "db", "upgrade")["revision"]
