@@ -78,6 +78,9 @@ ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite existing o
 DvcStageOption = Annotated[Optional[str], typer.Option(
     "--dvc-stage", envvar="DVC_STAGE", show_envvar=False,
     help="DVC stage recorded with the registry rows (default: $DVC_STAGE, which `dvc repro` sets).")]
+HookOption = Annotated[HookPoint, typer.Option(help="Layers to score and prune.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOption = Annotated[str, typer.Option(help="float32, float16 or bfloat16 (statistics are always fp32).")]
 PromptsOption = Annotated[Optional[str], typer.Option(
     help="`catalog` (CONCEPT's built-in prompt pairs) or a concept YAML file (name, kind, targets, references); "
          "default: CONCEPT's registered prompts, else the catalog.")]
@@ -252,9 +255,9 @@ def compute(
     guidance_scale: float = 7.5,
     seed: int = 0,
     batch_size: int = 8,
-    hook: Annotated[HookPoint, typer.Option(help="Layers to score and prune.")] = HookPoint.FFN_OUT,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 (statistics are always fp32).")] = "float32",
+    hook: HookOption = HookPoint.FFN_OUT,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     description: str = "",
     as_json: JsonOption = False,
 ) -> None:
@@ -324,9 +327,9 @@ def calibrate_command(
     guidance_scale: float = 7.5,
     seed: int = 0,
     batch_size: int = 8,
-    hook: Annotated[HookPoint, typer.Option(help="Layers to score and prune.")] = HookPoint.FFN_OUT,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 (statistics are always fp32).")] = "float32",
+    hook: HookOption = HookPoint.FFN_OUT,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Also write the statistics to this .safetensors file.")] = None,
     force: ForceOption = False,
     recompute: Annotated[bool, typer.Option(help="Run the model even if the registry holds a calibration of the same inputs.")] = False,
@@ -672,7 +675,7 @@ def generate(
     steps: int = 25,
     guidance_scale: float = 7.5,
     base: Optional[str] = None,
-    device: str = "auto",
+    device: DeviceOption = "auto",
     as_json: JsonOption = False,
 ) -> None:
     """Base and edited images side by side, same seed, as one PNG grid."""
@@ -708,7 +711,7 @@ def eval_command(
         help="CLIP model folder or cached hub id for clip (default: $CPREG_CLIP_MODEL, else "
              "openai/clip-vit-large-patch14 if in the Hugging Face cache; never downloaded).")] = None,
     fill: Fill = Fill.ZERO,
-    device: str = "auto",
+    device: DeviceOption = "auto",
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for the before/after grid PNG.")] = None,
     as_json: JsonOption = False,
 ) -> None:
