@@ -34,10 +34,9 @@ def run_json(home: Path, *args: str) -> dict:
     return json.loads(run(home, *args, "--json").stdout)
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("template") / ".cpreg"
-    run(home, "init")
+def _populate(home: Path) -> None:
+    """The state every CLI test starts from, in an initialised workspace: two masks, an alias, a
+    release, and a custom concept (prompts in ``home.parent / "prompts"``) computed on tiny SDXL."""
     run(home, "compute", "nudity", *FAST)
     run(home, "compute", "van-gogh", *FAST)
     run(home, "masks", "alias", "nudity@1", "prod")
@@ -49,6 +48,13 @@ def template(tmp_path_factory) -> Path:
     run(home, "concepts", "add", "zorb", "--target-prompts", str(prompts / "targets.txt"),
         "--reference-prompts", str(prompts / "references.txt"))
     run(home, "compute", "zorb", "--model", "tiny-sdxl", "--steps", "3", "--timesteps", "2")
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("template") / ".cpreg"
+    run(home, "init")
+    _populate(home)
     return home
 
 
@@ -420,17 +426,7 @@ def pg_template(tmp_path_factory):
         patch.setenv("CPREG_DB_URL", url)
         patch.delenv("CPREG_ARTIFACT_URI", raising=False)
         assert run_json(home, "init")["db_url"] == url
-        run(home, "compute", "nudity", *FAST)
-        run(home, "compute", "van-gogh", *FAST)
-        run(home, "masks", "alias", "nudity@1", "prod")
-        run(home, "compose", "nudity@1", "van-gogh@1", "--release", "safe-v1", "--note", "test")
-        prompts = home.parent / "prompts"
-        prompts.mkdir()
-        (prompts / "targets.txt").write_text("a zorblat in a park\na zorblat on a street\n")
-        (prompts / "references.txt").write_text("a park\na street\n")
-        run(home, "concepts", "add", "zorb", "--target-prompts", str(prompts / "targets.txt"),
-            "--reference-prompts", str(prompts / "references.txt"))
-        run(home, "compute", "zorb", "--model", "tiny-sdxl", "--steps", "3", "--timesteps", "2")
+        _populate(home)
     assert not (home / "registry.db").exists()  # the rows are on the server, the objects in home
     yield home, name
     _pg_drop(name)
