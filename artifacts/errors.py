@@ -1,13 +1,15 @@
 """Exceptions of the artifact layer.
 
 Every error raised on purpose by :mod:`cpreg.artifacts` is an :class:`ArtifactError`, itself a
-``ValueError``, so callers may catch either.
+``ValueError`` and a :class:`~cpreg.errors.CpregError`, so callers may catch any of them.
 """
 
 from __future__ import annotations
 
+from ..errors import CpregError
 
-class ArtifactError(ValueError):
+
+class ArtifactError(CpregError, ValueError):
     """Base class: a stored artifact or an argument naming one is not acceptable."""
 
 

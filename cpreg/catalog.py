@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import InvalidArgumentError
+
 KINDS = ("style", "nudity", "object", "gender", "memorization", "custom")
 
 #: Default skill_ratio per kind: the paper's reference code uses 0.01 for styles and 0.02 for objects.
@@ -66,9 +68,9 @@ class ConceptSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"unknown concept kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+            raise InvalidArgumentError(f"unknown concept kind {self.kind!r}; choose one of {', '.join(KINDS)}")
         if not self.pairs:
-            raise ValueError(f"concept {self.name!r} has no prompt pairs")
+            raise InvalidArgumentError(f"concept {self.name!r} has no prompt pairs")
 
     @property
     def targets(self) -> list[str]:
@@ -129,7 +131,7 @@ def builtin_concept(name: str) -> ConceptSpec:
     try:
         return CATALOG[name]
     except KeyError:
-        raise ValueError(f"unknown concept {name!r}; `cpreg concepts list` shows the catalog") from None
+        raise InvalidArgumentError(f"unknown concept {name!r}; `cpreg concepts list` shows the catalog") from None
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
@@ -138,10 +140,10 @@ def read_prompt_file(path: str | Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read prompt file {str(path)!r}: {error}") from None
+        raise InvalidArgumentError(f"cannot read prompt file {str(path)!r}: {error}") from None
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
-        raise ValueError(f"prompt file {str(path)!r} has no prompts")
+        raise InvalidArgumentError(f"prompt file {str(path)!r} has no prompts")
     return prompts
 
 
@@ -152,10 +154,10 @@ def pair_prompts(targets: list[str], references: list[str] | None, kind: str) ->
     """
     if references is None:
         if kind != "memorization":
-            raise ValueError("reference prompts are required (only memorization concepts default to the empty prompt)")
+            raise InvalidArgumentError("reference prompts are required (only memorization concepts default to the empty prompt)")
         references = [""] * len(targets)
     if len(targets) != len(references):
-        raise ValueError(f"{len(targets)} target prompts but {len(references)} reference prompts: they must pair up")
+        raise InvalidArgumentError(f"{len(targets)} target prompts but {len(references)} reference prompts: they must pair up")
     return tuple(zip(targets, references))
 
 
@@ -178,12 +180,12 @@ def load_concept_file(path: str | Path) -> ConceptSpec:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise ValueError(f"cannot read concept file {str(path)!r}: {str(error).splitlines()[0]}") from None
+        raise InvalidArgumentError(f"cannot read concept file {str(path)!r}: {str(error).splitlines()[0]}") from None
     if not isinstance(data, dict) or not isinstance(data.get("targets"), list):
-        raise ValueError(f"concept file {str(path)!r} needs a mapping with a `targets` list")
+        raise InvalidArgumentError(f"concept file {str(path)!r} needs a mapping with a `targets` list")
     unknown = set(data) - {"name", "kind", "description", "targets", "references"}
     if unknown:
-        raise ValueError(f"concept file {str(path)!r} has unknown keys: {', '.join(sorted(unknown))}")
+        raise InvalidArgumentError(f"concept file {str(path)!r} has unknown keys: {', '.join(sorted(unknown))}")
     kind = data.get("kind", "custom")
     targets = [str(p) for p in data["targets"]]
     references = data.get("references")

@@ -39,7 +39,8 @@ import torch
 from PIL import Image
 
 from .catalog import ARTISTS, FEMALE_WORDS, IMAGENETTE, MALE_WORDS, SCENES, ConceptSpec
-from .models import BUILTIN_MODELS, DEMO_MODELS, resolve_device
+from .errors import CpregError, InvalidArgumentError
+from .models import BUILTIN_MODELS, DEMO_MODELS, ModelUnavailableError, resolve_device
 
 CLASSIFIERS = ("auto", "demo", "nudenet", "clip", "none")
 
@@ -78,7 +79,7 @@ class NudeNetClassifier:
         try:
             from nudenet import NudeDetector
         except ImportError as error:
-            raise RuntimeError(f"the NudeNet classifier needs the nudenet package ({error}): {INSTALL_HINT}") from None
+            raise CpregError(f"the NudeNet classifier needs the nudenet package ({error}): {INSTALL_HINT}") from None
         return cls(NudeDetector(), nudity_prompts, threshold)
 
     def detections(self, images: Sequence[Image.Image]) -> list[list[dict]]:
@@ -153,11 +154,11 @@ def wanted_label(prompt: str, label_sets: Sequence[LabelSet]) -> tuple[LabelSet,
         named = [i for i, label in enumerate(label_set.labels) if label.named_in(prompt)]
         if len(named) > 1:
             names = ", ".join(label_set.labels[i].name for i in named)
-            raise ValueError(f"prompt {prompt!r} names several {label_set.name} labels ({names}); CLIP needs one")
+            raise InvalidArgumentError(f"prompt {prompt!r} names several {label_set.name} labels ({names}); CLIP needs one")
         if named:
             return label_set, named[0]
     sets = ", ".join(label_set.name for label_set in label_sets)
-    raise ValueError(f"prompt {prompt!r} names no label of the CLIP classifier's {sets} labels (docs/evaluation.md)")
+    raise InvalidArgumentError(f"prompt {prompt!r} names no label of the CLIP classifier's {sets} labels (docs/evaluation.md)")
 
 
 class ClipZeroShotClassifier:
@@ -174,7 +175,7 @@ class ClipZeroShotClassifier:
         """A ``transformers`` CLIP model from a local folder or a cached hub id; never downloads.
 
         Raises:
-            OSError: the folder or cache entry lacks the model, its safetensors weights or its processor.
+            ModelUnavailableError: the folder or cache entry lacks the model, its safetensors weights or its processor.
         """
         from transformers import CLIPModel, CLIPProcessor
 
@@ -183,7 +184,7 @@ class ClipZeroShotClassifier:
             processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise OSError(f"cannot load the CLIP model {str(path)!r} (local files only, safetensors): {reason}") from None
+            raise ModelUnavailableError(f"cannot load the CLIP model {str(path)!r} (local files only, safetensors): {reason}") from None
         return cls(model.to(resolve_device(device)), processor, label_sets)
 
     @torch.no_grad()
@@ -222,7 +223,7 @@ class Resolved(NamedTuple):
 def _clip(concepts: Sequence[ConceptSpec], prompts: Sequence[str], clip_model: str | None, device) -> Classifier:
     uncovered = [spec.name for spec in concepts if spec.name not in CONCEPT_LABEL_SETS]
     if uncovered:
-        raise ValueError(f"the CLIP classifier has labels for the catalog's artists, Imagenette objects and genders, "
+        raise InvalidArgumentError(f"the CLIP classifier has labels for the catalog's artists, Imagenette objects and genders, "
                          f"not for {', '.join(uncovered)}")
     wanted = {name for spec in concepts for name in CONCEPT_LABEL_SETS[spec.name]}
     label_sets = [label_set for name, label_set in LABEL_SETS.items() if name in wanted]
@@ -230,7 +231,7 @@ def _clip(concepts: Sequence[ConceptSpec], prompts: Sequence[str], clip_model: s
         wanted_label(prompt, label_sets)
     path = clip_model_path(clip_model)
     if path is None:
-        raise ValueError(f"the CLIP classifier needs a local CLIP model: pass --clip-model PATH, set ${CLIP_MODEL_ENV}, "
+        raise InvalidArgumentError(f"the CLIP classifier needs a local CLIP model: pass --clip-model PATH, set ${CLIP_MODEL_ENV}, "
                          f"or put {DEFAULT_CLIP_MODEL} in the Hugging Face cache")
     return ClipZeroShotClassifier.load(path, label_sets, device)
 
@@ -246,12 +247,13 @@ def resolve_classifier(choice: str, *, model: str, concepts: Sequence[ConceptSpe
     with the reason. ``erased_prompts`` are NudeNet's nudity prompts; CLIP checks every prompt.
 
     Raises:
-        ValueError: unknown ``choice``; ``clip`` without a model, for another concept or prompts naming no label.
-        RuntimeError: ``nudenet`` without the nudenet package.
-        OSError: the CLIP model cannot be loaded.
+        InvalidArgumentError: unknown ``choice``; ``clip`` without a model, for another concept or prompts
+            naming no label.
+        CpregError: ``nudenet`` without the nudenet package.
+        ModelUnavailableError: the CLIP model cannot be loaded.
     """
     if choice not in CLASSIFIERS:
-        raise ValueError(f"unknown classifier {choice!r}; use {', '.join(CLASSIFIERS)}")
+        raise InvalidArgumentError(f"unknown classifier {choice!r}; use {', '.join(CLASSIFIERS)}")
     if choice == "none":
         return Resolved(None, "no classifier requested (--classifier none)")
     if choice == "demo" or (choice == "auto" and model in DEMO_MODELS):
@@ -268,12 +270,12 @@ def resolve_classifier(choice: str, *, model: str, concepts: Sequence[ConceptSpe
     if all(spec.kind == "nudity" for spec in concepts):
         try:
             return Resolved(NudeNetClassifier.load(erased_prompts))
-        except RuntimeError as error:
+        except CpregError as error:  # the nudenet package is missing
             return Resolved(None, str(error))
     if all(spec.name in CONCEPT_LABEL_SETS for spec in concepts):
         try:
             return Resolved(_clip(concepts, prompts, clip_model, device))
-        except ValueError as error:
+        except InvalidArgumentError as error:  # no CLIP model found, or prompts naming no label
             return Resolved(None, str(error))
     names = ", ".join(spec.name for spec in concepts)
     return Resolved(None, f"no classifier covers {names} (NudeNet: nudity; CLIP: the catalog's artists, "

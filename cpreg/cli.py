@@ -1,7 +1,8 @@
 """The ``cpreg`` command line: thin typer commands over :class:`cpreg.workspace.Workspace`.
 
 Every command that reports something takes ``--json`` (one JSON object on stdout). Exit codes:
-0 success, 1 a user error (one line on stderr; ``--debug`` shows the traceback), 2 usage errors.
+0 success, 1 a user error (one line on stderr; ``--debug`` shows the traceback), 2 usage errors,
+3 an internal error (a bug: ``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 import warnings
 
 # The CLI speaks for itself: library warnings (e.g. optional torchvision) only with --debug.
@@ -34,6 +36,7 @@ from .catalog import (
     load_concept_file,
 )
 from .editors import CalibrationConfig, Fill, HookPoint
+from .errors import CpregError, InvalidArgumentError
 from .models import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_MODELS
 from .serialize import to_jsonable
 
@@ -42,23 +45,34 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
 
-#: Failures caused by the input or the environment: one line on stderr, exit code 1.
-USER_ERRORS = (ValueError, LookupError, OSError, RuntimeError)
+#: Failures caused by the input or the environment: one line on stderr, exit code 1. Anything else
+#: is a bug in cpreg: exit code 3, the traceback with --debug.
+USER_ERRORS = (CpregError, OSError)
+INTERNAL_ERROR_EXIT = 3
 
 
 class _Group(TyperGroup):
-    """Turns a user error raised by any command into one line on stderr and exit code 1."""
+    """Reports a command's failure: user errors in one line (exit 1), bugs as internal errors (exit 3)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException, BrokenPipeError):
+            raise  # control flow (--help, usage errors), not failures
         except USER_ERRORS as error:
-            # typer's Exit / Abort (e.g. after a subcommand's --help) are RuntimeErrors: control flow, not errors.
-            if _options["debug"] or isinstance(error, (BrokenPipeError, typer.Exit, typer.Abort)):
+            if _options["debug"]:
                 raise
-            text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error).strip()
+            text = str(error).strip()
             err.print(f"error: {text.splitlines()[0] if text else type(error).__name__}", markup=False, highlight=False)
             raise typer.Exit(1) from None
+        except Exception as error:
+            if _options["debug"]:
+                traceback.print_exc()
+            else:
+                text = str(error).strip().splitlines()
+                err.print(f"internal error: {type(error).__name__}: {text[0] if text else ''} "
+                          "(a bug in cpreg; run with --debug for the traceback)", markup=False, highlight=False)
+            raise typer.Exit(INTERNAL_ERROR_EXIT) from None
 
 
 app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -225,13 +239,13 @@ def concepts_add(
     """Register a custom concept from prompt files or one YAML file."""
     if file is not None:
         if target_prompts or reference_prompts:
-            raise ValueError("give either --file or --target-prompts/--reference-prompts, not both")
+            raise InvalidArgumentError("give either --file or --target-prompts/--reference-prompts, not both")
         spec = load_concept_file(file)
         if name and name != spec.name:
-            raise ValueError(f"the YAML file names the concept {spec.name!r}, not {name!r}")
+            raise InvalidArgumentError(f"the YAML file names the concept {spec.name!r}, not {name!r}")
     else:
         if not name or target_prompts is None:
-            raise ValueError("give NAME with --target-prompts (and --reference-prompts), or --file")
+            raise InvalidArgumentError("give NAME with --target-prompts (and --reference-prompts), or --file")
         spec = concept_from_files(name, kind, target_prompts, reference_prompts, description)
     with _workspace() as ws:
         concept = ws.add_concept(spec)
@@ -268,7 +282,7 @@ def compute(
         spec = ws.concept_spec(concept) if target_prompts is None else concept_from_files(
             concept, ws.concept_spec(concept).kind if concept in CATALOG else "custom", target_prompts, reference_prompts)
         if target_prompts is None and reference_prompts is not None:
-            raise ValueError("--reference-prompts needs --target-prompts")
+            raise InvalidArgumentError("--reference-prompts needs --target-prompts")
         mask = ws.compute(spec, model=model, config=config, skill_ratio=skill_ratio, select_ratio=select_ratio,
                           dtype=dtype, device=device, progress=not as_json and err.is_terminal, description=description)
     _emit(as_json, {"ref": mask.ref, "mask": mask}, lambda: out.print(
@@ -304,7 +318,7 @@ def _concept_source(ws, concept: str, prompts: Optional[str]) -> ConceptSpec:
         return builtin_concept(concept)
     spec = load_concept_file(prompts)
     if spec.name != concept:
-        raise ValueError(f"the concept file {prompts!r} names the concept {spec.name!r}, not {concept!r}")
+        raise InvalidArgumentError(f"the concept file {prompts!r} names the concept {spec.name!r}, not {concept!r}")
     return spec
 
 
@@ -313,7 +327,7 @@ def _provenance(dvc_stage: Optional[str]) -> tuple[Optional[str], Optional[str]]
     from .workspace import git_revision
 
     if dvc_stage is not None and len(dvc_stage) > 256:
-        raise ValueError("--dvc-stage must have at most 256 characters")
+        raise InvalidArgumentError("--dvc-stage must have at most 256 characters")
     return dvc_stage or None, git_revision()
 
 
@@ -397,7 +411,7 @@ def mask_command(
                                         select_ratio=select_ratio, device=device, description=description,
                                         dvc_stage=dvc_stage, git_rev=git_rev, source=f"the statistics in {str(stats)!r}")
         except ArtifactFormatError as error:
-            raise ValueError(f"{str(stats)!r} is not a valid statistics file: {error}") from None
+            raise InvalidArgumentError(f"{str(stats)!r} is not a valid statistics file: {error}") from None
     if out_path is not None:
         write_output(out_path, result.data)
     mask = result.mask
@@ -547,24 +561,24 @@ def metrics_command(
     )
 
     if eval_samples < 0:
-        raise ValueError(f"--eval-samples must be >= 0, got {eval_samples}")
+        raise InvalidArgumentError(f"--eval-samples must be >= 0, got {eval_samples}")
     if eval_steps < 1:
-        raise ValueError(f"--eval-steps must be >= 1, got {eval_steps}")
+        raise InvalidArgumentError(f"--eval-steps must be >= 1, got {eval_steps}")
     if eval_out is not None and eval_out.exists() and not eval_out.is_dir():
-        raise ValueError(f"--eval-out {str(eval_out)!r} is not a folder")
+        raise InvalidArgumentError(f"--eval-out {str(eval_out)!r} is not a folder")
     if metrics is not None:
         check_output(metrics, (".json",), force=force, what="--metrics")
     if plots_dir is not None:
         if plots_dir.exists() and not plots_dir.is_dir():
-            raise ValueError(f"--plots-dir {str(plots_dir)!r} is not a folder")
+            raise InvalidArgumentError(f"--plots-dir {str(plots_dir)!r} is not a folder")
         if plots_dir.is_dir() and any(plots_dir.iterdir()) and not force:
-            raise ValueError(f"{str(plots_dir)!r} is not empty; pass --force to replace its CSV files")
+            raise InvalidArgumentError(f"{str(plots_dir)!r} is not empty; pass --force to replace its CSV files")
     release = read_release_record(record)
     values, plots = evaluate_release(release)
     if eval_samples:
         with _workspace() as ws:
             if ws.registry.resolve_release(release["ref"]).union_oid != release["union_oid"]:
-                raise ValueError(f"{release['ref']} in the registry is not the release of {str(record)!r}")
+                raise InvalidArgumentError(f"{release['ref']} in the registry is not the release of {str(record)!r}")
             report = ws.evaluate(release["ref"], classifier=classifier, samples=eval_samples, seed=eval_seed,
                                  steps=eval_steps, out_dir=eval_out)
         values["erasure"] = erasure_metrics(report)
@@ -661,7 +675,7 @@ def export(
     with _workspace() as ws:
         entity = ws.resolve(record["ref"] if record else ref)
         if record and getattr(entity, "union_oid", None) != record["union_oid"]:
-            raise ValueError(f"the registry's {entity.ref} is not the release recorded in {ref!r} (its union differs)")
+            raise InvalidArgumentError(f"the registry's {entity.ref} is not the release recorded in {ref!r} (its union differs)")
         folder = ws.export(entity.ref if hasattr(entity, "members") else ref, out_dir, base=base, fill=fill)
     _emit(as_json, {"ref": entity.ref, "path": folder}, lambda: out.print(f"exported {entity.ref} to {folder}"))
 
@@ -682,7 +696,7 @@ def generate(
     from .grid import before_after_grid
 
     if out_path.suffix.lower() != ".png":
-        raise ValueError(f"--out must be a .png file, got {str(out_path)!r}")
+        raise InvalidArgumentError(f"--out must be a .png file, got {str(out_path)!r}")
     with _workspace() as ws:
         entity = ws.resolve(release)
         pipe = ws.base_pipeline(entity, base, device=device)

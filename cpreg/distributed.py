@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .editors import ActivationStats, CalibrationConfig, calibrate
+from .errors import CalibrationError, InvalidArgumentError
 
 T = TypeVar("T")
 
@@ -58,7 +59,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value) if value.strip() else default
     except ValueError:
-        raise ValueError(f"${name} must be an integer, got {value!r}") from None
+        raise InvalidArgumentError(f"${name} must be an integer, got {value!r}") from None
 
 
 def world_size() -> int:
@@ -89,7 +90,7 @@ def init_distributed() -> bool:
     if _env_int("WORLD_SIZE", 1) <= 1:
         return False
     if not dist.is_available():  # pragma: no cover - builds without torch.distributed
-        raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+        raise CalibrationError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     if torch.cuda.is_available():
         torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
         backend = "nccl"
@@ -116,14 +117,14 @@ def shard_pairs(
     """
     targets, references = list(targets), list(references)
     if len(targets) != len(references):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"distributed calibration shards prompt pairs: {len(targets)} target and "
             f"{len(references)} reference prompts do not pair up"
         )
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
+        raise InvalidArgumentError(f"rank {rank} is not in a world of {world_size} processes")
     if len(targets) < world_size:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{len(targets)} prompt pair(s) cannot be shared by {world_size} processes: every rank "
             f"needs at least one pair; run with at most {len(targets)} processes"
         )
@@ -146,7 +147,7 @@ def _raise_if_any_failed(error: BaseException | None) -> None:
         raise error
     if failed:
         index, report = failed[0]
-        raise RuntimeError(f"distributed calibration failed on rank {index}: {report}")
+        raise CalibrationError(f"distributed calibration failed on rank {index}: {report}")
 
 
 def _check_same_everywhere(header: dict, advice: str) -> None:
@@ -156,7 +157,7 @@ def _check_same_everywhere(header: dict, advice: str) -> None:
     for index, other in enumerate(headers):
         if other != headers[0]:
             differs = sorted(key for key in other if other[key] != headers[0].get(key))
-            raise RuntimeError(
+            raise CalibrationError(
                 f"rank {index} calibrated something else than rank 0 (different {', '.join(differs)}): {advice}"
             )
 
@@ -268,7 +269,7 @@ def on_main_process(fn: Callable[[], T]) -> T:
     if failure is not None:
         raise failure
     if "error" in received:
-        raise RuntimeError(f"rank 0 failed: {received['error']}")
+        raise CalibrationError(f"rank 0 failed: {received['error']}")
     return received["ok"]
 
 

@@ -33,6 +33,7 @@ from .editors import (
     component_module,
     denoiser_component,
 )
+from .errors import InvalidArgumentError
 
 #: Timesteps (of 1000 training steps) at which the proxy compares noise predictions.
 PROXY_TIMESTEPS = (900, 700, 500, 300, 100)
@@ -162,9 +163,9 @@ def evaluate(
     """
     erased_prompts, retained_prompts = list(erased_prompts), list(retained_prompts)
     if not erased_prompts:
-        raise ValueError("no erased prompts")
+        raise InvalidArgumentError("no erased prompts")
     if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+        raise InvalidArgumentError(f"samples must be >= 1, got {samples}")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     denoiser_params = sum(p.numel() for p in component_module(pipe, denoiser_component(pipe)).parameters())

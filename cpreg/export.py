@@ -17,13 +17,14 @@ import tempfile
 from pathlib import Path
 
 from .editors import ConceptMask, Fill, apply_mask
+from .errors import InvalidArgumentError
 
 
 def export_pipeline(pipe, mask: ConceptMask, out_dir: str | Path, card: str, *, fill: Fill | str = Fill.ZERO, seed: int = 0) -> Path:
     """Save ``pipe`` with ``mask`` applied to ``out_dir`` (must not exist or be empty) plus ``README.md``."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(f"export target {str(out_dir)!r} exists and is not an empty folder")
+        raise InvalidArgumentError(f"export target {str(out_dir)!r} exists and is not an empty folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

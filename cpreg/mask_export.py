@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from .editors import ConceptMask
+from .errors import InvalidArgumentError
 
 FORMATS = (".npz", ".safetensors", ".parquet")
 
@@ -53,9 +54,9 @@ def write_mask_file(mask: ConceptMask, out: str | os.PathLike, *, overwrite: boo
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in FORMATS:
-        raise ValueError(f"unknown mask file type {out.suffix or '(none)'!r}; use one of {', '.join(FORMATS)}")
+        raise InvalidArgumentError(f"unknown mask file type {out.suffix or '(none)'!r}; use one of {', '.join(FORMATS)}")
     if out.exists() and not overwrite:
-        raise ValueError(f"{str(out)!r} exists; pass --force to overwrite it")
+        raise InvalidArgumentError(f"{str(out)!r} exists; pass --force to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent)
     os.close(handle)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import CpregError, InvalidArgumentError
 from .tiny import build_tiny_pipeline
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -33,7 +34,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-class ModelUnavailableError(ValueError):
+class ModelUnavailableError(CpregError, ValueError):
     """The model cannot be loaded here (not built in, not a folder, not in the cache, offline)."""
 
 
@@ -48,7 +49,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16") from None
+        raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16") from None
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -62,7 +63,7 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         return torch.device(device)
     except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        raise InvalidArgumentError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def architecture_of(pipe) -> str:

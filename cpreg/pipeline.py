@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .artifacts import mask_from_bytes, sha256_hex
+from .errors import InvalidArgumentError
 
 #: Format tag of the release record written by ``cpreg release``.
 RELEASE_RECORD_FORMAT = "cpreg.release-record/1"
@@ -28,11 +29,11 @@ def check_output(path: str | os.PathLike, suffixes: tuple[str, ...], *, force: b
     """Refuse a wrong suffix, a folder, or an existing file (unless ``force``) before any work is done."""
     path = Path(path)
     if path.suffix.lower() not in suffixes:
-        raise ValueError(f"{what} must be a {' or '.join(suffixes)} file, got {str(path)!r}")
+        raise InvalidArgumentError(f"{what} must be a {' or '.join(suffixes)} file, got {str(path)!r}")
     if path.is_dir():
-        raise ValueError(f"{what} {str(path)!r} is a folder")
+        raise InvalidArgumentError(f"{what} {str(path)!r} is a folder")
     if path.exists() and not force:
-        raise ValueError(f"{str(path)!r} exists; pass --force to overwrite it")
+        raise InvalidArgumentError(f"{str(path)!r} exists; pass --force to overwrite it")
     return path
 
 
@@ -58,9 +59,9 @@ def read_input(path: str | os.PathLike, what: str) -> bytes:
     try:
         return path.read_bytes()
     except IsADirectoryError:
-        raise ValueError(f"{what} {str(path)!r} is a folder, not a file") from None
+        raise InvalidArgumentError(f"{what} {str(path)!r} is a folder, not a file") from None
     except OSError as error:
-        raise ValueError(f"cannot read {what} {str(path)!r}: {error.strerror or error}") from None
+        raise InvalidArgumentError(f"cannot read {what} {str(path)!r}: {error.strerror or error}") from None
 
 
 def canonical_json(payload: dict) -> str:
@@ -93,9 +94,9 @@ def read_release_record(path: str | os.PathLike) -> dict:
     try:
         record = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"release record {str(path)!r} is not valid JSON: {error}") from None
+        raise InvalidArgumentError(f"release record {str(path)!r} is not valid JSON: {error}") from None
     if not isinstance(record, dict) or record.get("format") != RELEASE_RECORD_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a release record written by `cpreg release`")
+        raise InvalidArgumentError(f"{str(path)!r} is not a release record written by `cpreg release`")
     members = record.get("members")
     if (
         not isinstance(record.get("ref"), str)
@@ -105,18 +106,18 @@ def read_release_record(path: str | os.PathLike) -> dict:
         or not members
         or not all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("concept", "oid", "file")) for m in members)
     ):
-        raise ValueError(f"release record {str(path)!r} lacks its ref, union or members")
+        raise InvalidArgumentError(f"release record {str(path)!r} lacks its ref, union or members")
     return record
 
 
 def _load_checked(path: str, oid: str, what: str):
     data = read_input(path, what)
     if sha256_hex(data) != oid:
-        raise ValueError(f"{path} changed since the release was composed (rerun the release step)")
+        raise InvalidArgumentError(f"{path} changed since the release was composed (rerun the release step)")
     try:
         return mask_from_bytes(data)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise InvalidArgumentError(f"{path}: {error}") from None
 
 
 def evaluate_release(record: dict) -> tuple[dict, dict[str, str]]:

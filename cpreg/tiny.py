@@ -28,6 +28,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .errors import InvalidArgumentError
+
 #: Whole-word tokens of the tiny vocabulary (other words fall back to single characters).
 TINY_WORDS = (
     "a photo of the in style painting naked man woman person dog cat car church tree house red blue green "
@@ -110,7 +112,7 @@ def _ddim() -> DDIMScheduler:
 def build_tiny_pipeline(architecture: str = "sd", seed: int = 0):
     """A randomly initialised pipeline of ``architecture`` (``sd``, ``sdxl`` or ``sd3``) on the CPU."""
     if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown tiny architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+        raise InvalidArgumentError(f"unknown tiny architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = write_tiny_tokenizer(folder)

@@ -55,6 +55,7 @@ from .editors import (
     model_fingerprint,
     union,
 )
+from .errors import CpregError, InvalidArgumentError
 from .export import export_pipeline
 from .models import architecture_of, default_model, load_base_pipeline
 from .registry import (
@@ -156,9 +157,9 @@ class Workspace:
             try:
                 self.settings.home.mkdir(parents=True, exist_ok=True)
             except OSError as error:
-                raise ValueError(f"cannot create the cpreg home {str(self.settings.home)!r}: {error.strerror}") from None
+                raise InvalidArgumentError(f"cannot create the cpreg home {str(self.settings.home)!r}: {error.strerror}") from None
             if not os.access(self.settings.home, os.W_OK):
-                raise ValueError(f"the cpreg home {str(self.settings.home)!r} is not writable")
+                raise InvalidArgumentError(f"the cpreg home {str(self.settings.home)!r} is not writable")
         self.registry = Registry(self.settings.db_url, self.settings.artifact_uri, actor=actor)
 
     def close(self) -> None:
@@ -197,7 +198,7 @@ class Workspace:
         """Register a custom concept and its prompts (a name of the built-in catalog is refused)."""
         validate_name(spec.name)
         if spec.name in CATALOG:
-            raise ValueError(f"{spec.name!r} is a built-in concept; choose another name")
+            raise InvalidArgumentError(f"{spec.name!r} is a built-in concept; choose another name")
         prompts = self.registry.ensure_prompt_set(spec.targets, spec.references)
         return self.registry.add_concept(spec.name, spec.kind, spec.description, prompt_set=prompts)
 
@@ -234,9 +235,9 @@ class Workspace:
         validate_name(spec.name)
         skill_ratio = spec.skill_ratio if skill_ratio is None else skill_ratio
         if not 0.0 < skill_ratio <= 1.0:
-            raise ValueError(f"skill_ratio must be in (0, 1], got {skill_ratio}")
+            raise InvalidArgumentError(f"skill_ratio must be in (0, 1], got {skill_ratio}")
         if not 0.0 <= select_ratio < 1.0:
-            raise ValueError(f"select_ratio must be in [0, 1), got {select_ratio}")
+            raise InvalidArgumentError(f"select_ratio must be in [0, 1), got {select_ratio}")
         model = model or default_model()
         init_distributed()  # under torchrun: join the group before loading, each rank on its own GPU
         pipe = pipe if pipe is not None else load_base_pipeline(model, dtype=dtype, device=device)
@@ -294,7 +295,7 @@ class Workspace:
         """
         source = self.registry.resolve_mask(ref)
         if source.calibration_id is None:
-            raise ValueError(f"{source.ref} has no stored calibration to derive from")
+            raise InvalidArgumentError(f"{source.ref} has no stored calibration to derive from")
         calibration = self.registry.get_calibration(source.calibration_id)
         stats = self.registry.load_stats(calibration)
         pipe = self.base_pipeline(source)
@@ -405,13 +406,13 @@ class Workspace:
         stats = stats_from_bytes(stats_data)
         skill_ratio = spec.skill_ratio if skill_ratio is None else skill_ratio
         if not 0.0 < skill_ratio <= 1.0:
-            raise ValueError(f"skill_ratio must be in (0, 1], got {skill_ratio}")
+            raise InvalidArgumentError(f"skill_ratio must be in (0, 1], got {skill_ratio}")
         if not 0.0 <= select_ratio < 1.0:
-            raise ValueError(f"select_ratio must be in [0, 1), got {select_ratio}")
+            raise InvalidArgumentError(f"select_ratio must be in [0, 1), got {select_ratio}")
         if tau is not None and not 1 <= tau <= stats.steps:
-            raise ValueError(f"tau must be in [1, {stats.steps}] (the calibrated steps), got {tau}")
+            raise InvalidArgumentError(f"tau must be in [1, {stats.steps}] (the calibrated steps), got {tau}")
         if stats.fingerprint is None:
-            raise ValueError(f"{source} name no base model fingerprint")
+            raise InvalidArgumentError(f"{source} name no base model fingerprint")
         if model is None:
             try:
                 model = self.registry.get_base_model(stats.fingerprint).name
@@ -420,7 +421,7 @@ class Workspace:
         pipe = load_base_pipeline(model, device="cpu")
         found = model_fingerprint(pipe)
         if found != stats.fingerprint:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{source} were calibrated on base model {_short(stats.fingerprint)}, "
                 f"but {model!r} has fingerprint {_short(found)}"
             )
@@ -428,12 +429,12 @@ class Workspace:
         calibration = self._calibration_by_oid(stats.fingerprint, oid)
         wanted_prompts = prompt_set_hash(spec.targets, spec.references)
         if calibration is not None and calibration.prompt_set_hash != wanted_prompts:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{source} were calibrated on other prompts than those of concept {spec.name!r} "
                 f"(prompt set {calibration.prompt_set_hash[:12]}, not {wanted_prompts[:12]})"
             )
         if calibration is None and (stats.num_target_prompts, stats.num_reference_prompts) != (len(spec.targets), len(spec.references)):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{source} cover {stats.num_target_prompts}/{stats.num_reference_prompts} target/reference prompts, "
                 f"concept {spec.name!r} has {len(spec.targets)}/{len(spec.references)}"
             )
@@ -462,7 +463,7 @@ class Workspace:
             description=description, dvc_stage=dvc_stage, git_rev=git_rev, reuse_existing=True,
         )
         if oid != entry.artifact_oid:  # pragma: no cover - mask_to_bytes is deterministic
-            raise RuntimeError(f"the bytes of {entry.ref} are not reproducible")
+            raise CpregError(f"the bytes of {entry.ref} are not reproducible")
         return MaskResult(entry, data, reused)
 
     def _calibration_by_oid(self, fingerprint: str, oid: str) -> Calibration | None:
@@ -491,18 +492,18 @@ class Workspace:
         """
         validate_name(name, "release name")
         if not members:
-            raise ValueError("a release needs at least one member")
+            raise InvalidArgumentError("a release needs at least one member")
         sources = sources or [concept for concept, _ in members]
         masks, entries = [], []
         for (concept, data), source in zip(members, sources, strict=True):
             try:
                 masks.append(mask_from_bytes(data))
             except ValueError as error:
-                raise ValueError(f"{source}: {error}") from None
+                raise InvalidArgumentError(f"{source}: {error}") from None
             oid = sha256_hex(data)
             matches = [m for m in self.registry.list_masks(concept) if m.artifact_oid == oid]
             if not matches:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"{source} is not a registered mask of concept {concept!r} in this registry "
                     f"(rerun its mask step, e.g. `dvc repro --force --single-item mask@{concept}`)"
                 )
@@ -511,7 +512,7 @@ class Workspace:
         try:
             merged = union([mask for _, mask in unique], [entry.ref for entry, _ in unique])
         except ValueError as error:
-            raise ValueError(f"cannot compose {name}: {error}") from None
+            raise InvalidArgumentError(f"cannot compose {name}: {error}") from None
         data = mask_to_bytes(merged)
         oid = sha256_hex(data)
         member_ids = {entry.id for entry, _ in unique}
@@ -553,7 +554,7 @@ class Workspace:
             return  # bf16 rounds differently (docs/method.md): names and shapes are still checked on apply
         found = model_fingerprint(pipe)
         if found != entity.base_model_fingerprint:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{entity.ref} was made on base model {entity.base_model_fingerprint[:23]}..., "
                 f"but {model!r} has fingerprint {found[:23]}..."
             )

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
+from ..errors import CalibrationError, InvalidArgumentError
 from .fingerprint import model_fingerprint
 from .hooks import HookedLayers, component_module, hooked_layers
 from .stats import ActivationStats, CalibrationConfig
@@ -56,7 +57,7 @@ class _Recorder:
     def record(self, name: str, x: torch.Tensor) -> None:
         rows, prompts = x.shape[0], self.row_sets.shape[0]
         if rows % prompts:
-            raise RuntimeError(f"`{name}` got {rows} batch rows for {prompts} prompts")
+            raise CalibrationError(f"`{name}` got {rows} batch rows for {prompts} prompts")
         # Guidance batches stack [unconditional rows, conditional rows]; both belong to the prompt.
         sets = self.row_sets.repeat(rows // prompts)
         squares = x.reshape(rows, -1, x.shape[-1]).to(torch.float32).square()
@@ -80,10 +81,10 @@ class _Recorder:
 def _check_prompts(kind: str, prompts: Sequence[str]) -> list[str]:
     prompts = list(prompts)
     if not prompts:
-        raise ValueError(f"no {kind} prompts")
+        raise InvalidArgumentError(f"no {kind} prompts")
     for prompt in prompts:
         if not isinstance(prompt, str):  # "" is allowed: the empty prompt is the memorisation reference
-            raise ValueError(f"{kind} prompts must be strings, got {prompt!r}")
+            raise InvalidArgumentError(f"{kind} prompts must be strings, got {prompt!r}")
     return prompts
 
 
@@ -184,7 +185,7 @@ def _denoise(pipe, prompts: list[str], config: CalibrationConfig, recorder: _Rec
     except _StopDenoising:
         return
     if recorder.calls < recorder.steps:
-        raise RuntimeError(f"the pipeline made {recorder.calls} denoiser calls, fewer than tau={recorder.steps}")
+        raise CalibrationError(f"the pipeline made {recorder.calls} denoiser calls, fewer than tau={recorder.steps}")
 
 
 @torch.inference_mode()

@@ -19,6 +19,7 @@ from enum import Enum
 import torch
 from torch import nn
 
+from ..errors import CpregError
 from .hooks import component_module
 from .mask import ConceptMask
 
@@ -35,7 +36,7 @@ class Fill(str, Enum):
     NOISE = "noise"
 
 
-class MaskMismatchError(ValueError):
+class MaskMismatchError(CpregError, ValueError):
     """The mask's layers or shapes do not match the model."""
 
 

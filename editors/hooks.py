@@ -19,6 +19,8 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from ..errors import InvalidArgumentError
+
 
 class HookPoint(str, Enum):
     """Where statistics are gathered and weights pruned.
@@ -59,14 +61,14 @@ def denoiser_component(pipe) -> str:
     for name in ("unet", "transformer"):
         if isinstance(getattr(pipe, name, None), nn.Module):
             return name
-    raise ValueError(f"{type(pipe).__name__} has no `unet` or `transformer` denoiser")
+    raise InvalidArgumentError(f"{type(pipe).__name__} has no `unet` or `transformer` denoiser")
 
 
 def component_module(pipe, component: str) -> nn.Module:
     """The ``nn.Module`` stored on ``pipe`` under ``component`` (``unet``, ``text_encoder``...)."""
     module = getattr(pipe, component, None)
     if not isinstance(module, nn.Module):
-        raise ValueError(f"{type(pipe).__name__} has no `{component}` component")
+        raise InvalidArgumentError(f"{type(pipe).__name__} has no `{component}` component")
     return module
 
 
@@ -98,7 +100,7 @@ def hooked_layers(pipe, hook: HookPoint | str) -> HookedLayers:
     for path in _linear_paths(root, hook):
         module = root.get_submodule(path)
         if not isinstance(module, nn.Linear):
-            raise ValueError(f"hook {hook.value}: `{path}` is a {type(module).__name__}, not nn.Linear")
+            raise InvalidArgumentError(f"hook {hook.value}: `{path}` is a {type(module).__name__}, not nn.Linear")
         modules[path] = module
     if not modules:
         hint = ""
@@ -107,5 +109,5 @@ def hooked_layers(pipe, hook: HookPoint | str) -> HookedLayers:
                 ": it has no cross-attention (`attn2`) modules; joint-attention transformers such as SD3"
                 " mix text and image tokens in one attention, so use ffn_out or ffn_in"
             )
-        raise ValueError(f"hook {hook.value} finds no layers in {type(root).__name__} (`{component}`){hint}")
+        raise InvalidArgumentError(f"hook {hook.value} finds no layers in {type(root).__name__} (`{component}`){hint}")
     return HookedLayers(hook=hook, component=component, modules=modules)

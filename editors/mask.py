@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..errors import InvalidArgumentError
+
 
 @dataclass(frozen=True)
 class LayerMask:
@@ -32,14 +34,14 @@ class LayerMask:
 
     def __post_init__(self) -> None:
         if self.indices.dtype != torch.int64 or self.steps.dtype != torch.uint8:
-            raise ValueError("LayerMask needs int64 indices and uint8 steps")
+            raise InvalidArgumentError("LayerMask needs int64 indices and uint8 steps")
         if self.indices.shape != self.steps.shape or self.indices.dim() != 1:
-            raise ValueError("LayerMask indices and steps must be 1-D of equal length")
+            raise InvalidArgumentError("LayerMask indices and steps must be 1-D of equal length")
         size = self.shape[0] * self.shape[1]
         if len(self.indices) and (
             self.indices[0] < 0 or self.indices[-1] >= size or bool((self.indices[1:] <= self.indices[:-1]).any())
         ):
-            raise ValueError(f"LayerMask indices must be strictly increasing within [0, {size})")
+            raise InvalidArgumentError(f"LayerMask indices must be strictly increasing within [0, {size})")
 
     @classmethod
     def from_counts(cls, counts: torch.Tensor, threshold: float = 0.0) -> LayerMask:
@@ -130,12 +132,12 @@ class ConceptMask:
                 mask's own, or the mask records no ``tau`` (a union of masks).
         """
         if not 0.0 <= select_ratio < 1.0:
-            raise ValueError(f"select_ratio must be in [0, 1), got {select_ratio}")
+            raise InvalidArgumentError(f"select_ratio must be in [0, 1), got {select_ratio}")
         if "tau" not in self.params:
-            raise ValueError("this mask records no tau (a union of masks?): derive it again to change select_ratio")
+            raise InvalidArgumentError("this mask records no tau (a union of masks?): derive it again to change select_ratio")
         tau = int(self.params["tau"])
         if select_ratio < float(self.params.get("select_ratio", 0.0)):
-            raise ValueError("a stored mask can only be made stricter (higher select_ratio)")
+            raise InvalidArgumentError("a stored mask can only be made stricter (higher select_ratio)")
         layers = {}
         for name, layer in self.layers.items():
             keep = layer.steps.to(torch.float32) > select_ratio * tau
@@ -153,17 +155,17 @@ class ConceptMask:
 def check_compatible(masks: Sequence[ConceptMask], labels: Sequence[str] | None = None) -> None:
     """Raise ValueError naming the first mask whose base model, hook point or layers differ."""
     if not masks:
-        raise ValueError("no masks given")
+        raise InvalidArgumentError("no masks given")
     labels = list(labels) if labels is not None else [f"mask #{i}" for i in range(len(masks))]
     first = masks[0]
     for mask, label in zip(masks[1:], labels[1:]):
         for what in ("fingerprint", "hook", "component"):
             if getattr(mask, what) != getattr(first, what):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"{label} has {what} {getattr(mask, what)!r}, {labels[0]} has {getattr(first, what)!r}"
                 )
         if mask.layer_shapes() != first.layer_shapes():
-            raise ValueError(f"{label} has other layers or shapes than {labels[0]}")
+            raise InvalidArgumentError(f"{label} has other layers or shapes than {labels[0]}")
 
 
 def union(masks: Sequence[ConceptMask], labels: Sequence[str] | None = None) -> ConceptMask:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..errors import InvalidArgumentError
 from .mask import ConceptMask, LayerMask
 from .stats import ActivationStats
 
@@ -71,22 +72,22 @@ def derive_mask(
         device: where to score (default: the weights' device; pass ``"cuda"`` for speed).
     """
     if not 0.0 < skill_ratio <= 1.0:
-        raise ValueError(f"skill_ratio must be in (0, 1], got {skill_ratio}")
+        raise InvalidArgumentError(f"skill_ratio must be in (0, 1], got {skill_ratio}")
     if not 0.0 <= select_ratio < 1.0:
-        raise ValueError(f"select_ratio must be in [0, 1), got {select_ratio}")
+        raise InvalidArgumentError(f"select_ratio must be in [0, 1), got {select_ratio}")
     tau = stats.steps if tau is None else tau
     if not 1 <= tau <= stats.steps:
-        raise ValueError(f"tau must be in [1, {stats.steps}] (the calibrated steps), got {tau}")
+        raise InvalidArgumentError(f"tau must be in [1, {stats.steps}] (the calibrated steps), got {tau}")
     if tau > 255:
-        raise ValueError("tau above 255 does not fit the uint8 step counts")
+        raise InvalidArgumentError("tau above 255 does not fit the uint8 step counts")
     target_norms, reference_norms = stats.target_norms(), stats.reference_norms()
     layers = {}
     for name, shape in stats.layer_shapes.items():
         if name not in weights:
-            raise ValueError(f"no weight given for layer `{name}`")
+            raise InvalidArgumentError(f"no weight given for layer `{name}`")
         weight = weights[name]
         if tuple(weight.shape) != tuple(shape):
-            raise ValueError(f"layer `{name}`: weight shape {tuple(weight.shape)} != calibrated {tuple(shape)}")
+            raise InvalidArgumentError(f"layer `{name}`: weight shape {tuple(weight.shape)} != calibrated {tuple(shape)}")
         if device is not None:
             weight = weight.to(device)
         counts = skill_counts(weight, target_norms[name][:tau], reference_norms[name][:tau], skill_ratio)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..errors import InvalidArgumentError
 from .hooks import HookPoint
 
 
@@ -46,13 +47,13 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "hook", HookPoint(self.hook))
         if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+            raise InvalidArgumentError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if not 1 <= self.tau <= self.num_inference_steps:
-            raise ValueError(f"tau must be in [1, {self.num_inference_steps}] (T), got {self.tau}")
+            raise InvalidArgumentError(f"tau must be in [1, {self.num_inference_steps}] (T), got {self.tau}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise InvalidArgumentError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+            raise InvalidArgumentError(f"seed must be >= 0, got {self.seed}")
 
     @property
     def recorded_steps(self) -> int:
@@ -88,7 +89,7 @@ class ActivationStats:
 
     def __post_init__(self) -> None:
         if self.target.keys() != self.reference.keys() or self.target.keys() != self.layer_shapes.keys():
-            raise ValueError("target, reference and layer_shapes must name the same layers")
+            raise InvalidArgumentError("target, reference and layer_shapes must name the same layers")
 
     @property
     def steps(self) -> int:
@@ -134,7 +135,7 @@ class ActivationStats:
     def merged(self, other: ActivationStats) -> ActivationStats:
         """Statistics of the union of both prompt sets (sums of squares add)."""
         if self.layer_shapes != other.layer_shapes or self.config != other.config:
-            raise ValueError("can only merge statistics of the same layers and calibration configuration")
+            raise InvalidArgumentError("can only merge statistics of the same layers and calibration configuration")
         return ActivationStats(
             target={n: v + other.target[n] for n, v in self.target.items()},
             reference={n: v + other.reference[n] for n, v in self.reference.items()},

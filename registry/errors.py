@@ -1,7 +1,7 @@
 """Exceptions of the registry layer.
 
 Every error raised on purpose by :mod:`cpreg.registry` is a :class:`RegistryError`, itself a
-``ValueError``, with a one-line message meant to be shown to a user as is.
+``ValueError`` and a :class:`~cpreg.errors.CpregError`, with a one-line message meant to be shown to a user as is.
 
 Example:
     >>> try:
@@ -13,8 +13,10 @@ Example:
 
 from __future__ import annotations
 
+from ..errors import CpregError
 
-class RegistryError(ValueError):
+
+class RegistryError(CpregError, ValueError):
     """Base class of every registry error."""
 
 

@@ -29,6 +29,8 @@ from cpreg.classifiers import (
     wanted_label,
 )
 from cpreg.demo.classify import DemoClassifier
+from cpreg.errors import CpregError
+from cpreg.models import ModelUnavailableError
 from cpreg.tiny import write_tiny_tokenizer
 
 from test_cli import check_bad_input, run, run_json, state
@@ -161,7 +163,7 @@ def test_clip_prompt_without_one_label_is_refused(tiny_clip):
 
 
 def test_clip_load_refuses_a_missing_model(tmp_path):
-    with pytest.raises(OSError, match="cannot load the CLIP model"):
+    with pytest.raises(ModelUnavailableError, match="cannot load the CLIP model"):
         ClipZeroShotClassifier.load(tmp_path / "nothing")
 
 
@@ -209,10 +211,10 @@ def test_resolver_errors(tiny_clip, monkeypatch):
     with pytest.raises(ValueError, match="names no label"):  # checked before the model is looked for
         resolve_classifier("clip", model="my-sd", concepts=[CATALOG["tench"]], erased_prompts=["a fish"],
                            clip_model="/no/such/clip")
-    with pytest.raises(OSError, match="cannot load the CLIP model '/no/such/clip'"):
+    with pytest.raises(ModelUnavailableError, match="cannot load the CLIP model '/no/such/clip'"):
         _resolve("auto", ["tench"], clip_model="/no/such/clip")
     monkeypatch.setitem(sys.modules, "nudenet", None)  # not installed
-    with pytest.raises(RuntimeError, match=r"pip install 'cpreg\[eval\]'"):
+    with pytest.raises(CpregError, match=r"pip install 'cpreg\[eval\]'"):
         _resolve("nudenet", ["nudity"])
     assert "pip install 'cpreg[eval]'" in _resolve("auto", ["nudity"]).reason
 

@@ -181,12 +181,12 @@ def test_a_failing_or_mismatched_rank_fails_every_rank(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     rank0 = (tmp_path / "rank0.txt").read_text().splitlines()
     rank1 = (tmp_path / "rank1.txt").read_text().splitlines()
-    assert rank0[0] == "RuntimeError: distributed calibration failed on rank 1: MemoryError: injected: out of memory on rank 1"
+    assert rank0[0] == "CalibrationError: distributed calibration failed on rank 1: MemoryError: injected: out of memory on rank 1"
     assert rank1[0] == "MemoryError: injected: out of memory on rank 1"
     for lines in (rank0, rank1):
-        assert lines[1] == ("RuntimeError: rank 1 calibrated something else than rank 0 (different config): "
+        assert lines[1] == ("CalibrationError: rank 1 calibrated something else than rank 0 (different config): "
                             "every rank must be given the same prompts and configuration")
-        assert lines[2] == ("RuntimeError: rank 1 calibrated something else than rank 0 (different fingerprint): "
+        assert lines[2] == ("CalibrationError: rank 1 calibrated something else than rank 0 (different fingerprint): "
                             "every rank must load the same base model")
         assert lines[3] == "ok 2"
 

@@ -17,6 +17,8 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import InvalidArgumentError
+
 SIZE = 32
 BASE_SHAPES = ("circle", "square", "triangle", "star")
 PLANTED_SHAPE = "zorblat"
@@ -57,7 +59,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         w = r / 2.5
         pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
         return [(cx + x, cy + y) for x, y in pts]
-    raise ValueError(shape)
+    raise InvalidArgumentError(shape)
 
 
 def render(shape: str, colour: str, background: str, rng: np.random.Generator) -> np.ndarray:
