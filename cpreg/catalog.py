@@ -1,7 +1,7 @@
 """The built-in concept catalog (the paper's concepts, with our own prompt lists) and custom concepts.
 
 Every concept is a list of matched (target, reference) prompt pairs: the target contains the
-concept, the reference is the same content without it (``docs/conceptprune.md``).
+concept, the reference is the same content without it (the method: ``docs/method.md``).
 
 Example:
     >>> spec = builtin_concept("van-gogh")
@@ -12,7 +12,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import yaml
@@ -115,7 +117,7 @@ def _catalog() -> dict[str, ConceptSpec]:
         ConceptSpec("male", "gender", "male people (gender reversal: men become women)",
                     tuple((f"a headshot of a {m}", f"a headshot of a {f}") for m, f in zip(MALE_WORDS, FEMALE_WORDS)))
     )
-    from .demo.plant import reference_prompts, target_prompts
+    from .demo.vocabulary import reference_prompts, target_prompts
 
     specs.append(
         ConceptSpec("zorblat", "object", "the shape planted in the demo model (use --model demo-planted)",
@@ -124,7 +126,24 @@ def _catalog() -> dict[str, ConceptSpec]:
     return {spec.name: spec for spec in specs}
 
 
-CATALOG: dict[str, ConceptSpec] = _catalog()
+class _Catalog(Mapping[str, ConceptSpec]):
+    """The built-in concepts by name, built on first use (importing the catalog builds nothing)."""
+
+    @cached_property
+    def _specs(self) -> dict[str, ConceptSpec]:
+        return _catalog()
+
+    def __getitem__(self, name: str) -> ConceptSpec:
+        return self._specs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+CATALOG: Mapping[str, ConceptSpec] = _Catalog()
 
 
 def builtin_concept(name: str) -> ConceptSpec:

@@ -26,7 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from .artifacts import ArtifactFormatError
+from .artifacts.errors import ArtifactFormatError
 from .catalog import (
     CATALOG,
     KINDS,
@@ -35,7 +35,7 @@ from .catalog import (
     concept_from_files,
     load_concept_file,
 )
-from .editors import CalibrationConfig, Fill, HookPoint
+from .editors.options import Fill, HookPoint
 from .errors import CpregError, InvalidArgumentError
 from .models import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_MODELS
 from .serialize import to_jsonable
@@ -109,17 +109,23 @@ def _main(
     _options.update(home=home, db_url=db_url, debug=debug)
 
 
-def _workspace():
+def _workspace(*, runs_models: bool = False):
+    """The workspace of ``--home`` / ``--db-url``; ``runs_models`` quiets the model libraries' progress bars."""
     from .workspace import Workspace
 
+    if runs_models:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     return Workspace(_options["home"], _options["db_url"])
 
 
 def _emit(as_json: bool, payload: dict, human) -> None:
-    from .distributed import is_main_process
+    if "torch.distributed" in sys.modules:  # a model command may run under torchrun: rank 0 reports for all
+        from .distributed import is_main_process
 
-    if not is_main_process():  # under torchrun, rank 0 reports for all
-        return
+        if not is_main_process():
+            return
     if as_json:
         sys.stdout.write(json.dumps(to_jsonable(payload), sort_keys=True) + "\n")
     else:
@@ -276,9 +282,11 @@ def compute(
     as_json: JsonOption = False,
 ) -> None:
     """Calibrate CONCEPT on a base model, store the statistics and register a mask version."""
+    from .editors import CalibrationConfig
+
     config = CalibrationConfig(hook=hook, num_inference_steps=steps, tau=timesteps, guidance_scale=guidance_scale,
                                seed=seed, batch_size=batch_size)
-    with _workspace() as ws:
+    with _workspace(runs_models=True) as ws:
         spec = ws.concept_spec(concept) if target_prompts is None else concept_from_files(
             concept, ws.concept_spec(concept).kind if concept in CATALOG else "custom", target_prompts, reference_prompts)
         if target_prompts is None and reference_prompts is not None:
@@ -357,12 +365,14 @@ def calibrate_command(
     """
     from .pipeline import check_output, write_output
 
+    from .editors import CalibrationConfig
+
     config = CalibrationConfig(hook=hook, num_inference_steps=steps, tau=timesteps, guidance_scale=guidance_scale,
                                seed=seed, batch_size=batch_size)
     if out_path is not None:
         check_output(out_path, (".safetensors",), force=force)
     dvc_stage, git_rev = _provenance(dvc_stage)
-    with _workspace() as ws:
+    with _workspace(runs_models=True) as ws:
         spec = _concept_source(ws, concept, prompts)
         result = ws.calibrate(spec, model=model, config=config, dtype=dtype, device=device, reuse=not recompute,
                               progress=not as_json and err.is_terminal, dvc_stage=dvc_stage, git_rev=git_rev)
@@ -576,7 +586,7 @@ def metrics_command(
     release = read_release_record(record)
     values, plots = evaluate_release(release)
     if eval_samples:
-        with _workspace() as ws:
+        with _workspace(runs_models=True) as ws:
             if ws.registry.resolve_release(release["ref"]).union_oid != release["union_oid"]:
                 raise InvalidArgumentError(f"{release['ref']} in the registry is not the release of {str(record)!r}")
             report = ws.evaluate(release["ref"], classifier=classifier, samples=eval_samples, seed=eval_seed,
@@ -672,7 +682,7 @@ def export(
         from .pipeline import read_release_record
 
         record = read_release_record(ref)
-    with _workspace() as ws:
+    with _workspace(runs_models=True) as ws:
         entity = ws.resolve(record["ref"] if record else ref)
         if record and getattr(entity, "union_oid", None) != record["union_oid"]:
             raise InvalidArgumentError(f"the registry's {entity.ref} is not the release recorded in {ref!r} (its union differs)")
@@ -697,7 +707,7 @@ def generate(
 
     if out_path.suffix.lower() != ".png":
         raise InvalidArgumentError(f"--out must be a .png file, got {str(out_path)!r}")
-    with _workspace() as ws:
+    with _workspace(runs_models=True) as ws:
         entity = ws.resolve(release)
         pipe = ws.base_pipeline(entity, base, device=device)
         image = before_after_grid(pipe, ws.load_mask(entity), prompt, seed=seed, steps=steps, guidance_scale=guidance_scale,
@@ -732,7 +742,7 @@ def eval_command(
     """Measure erasure: base vs edited images (same seeds) on erased and retained prompts."""
     from .catalog import read_prompt_file
 
-    with _workspace() as ws:
+    with _workspace(runs_models=True) as ws:
         report = ws.evaluate(
             ref, base=model, classifier=classifier, clip_model=clip_model, device=device,
             erased_prompts=read_prompt_file(erased_prompts) if erased_prompts else None,
@@ -796,8 +806,5 @@ def log(limit: int = 20, as_json: JsonOption = False) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not ours
     app()

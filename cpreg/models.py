@@ -20,18 +20,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import CpregError, InvalidArgumentError
-from .tiny import build_tiny_pipeline
+
+if TYPE_CHECKING:  # torch is imported by the functions that need it: listing models needs none
+    import torch
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BUILTIN_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
 #: Trained models shipped inside the package (``cpreg/demo``).
 DEMO_MODELS = ("demo", "demo-planted")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+#: Accepted dtype names and the ``torch`` dtype each means.
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 class ModelUnavailableError(CpregError, ValueError):
@@ -44,16 +46,21 @@ def default_model() -> str:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The ``torch`` dtype named ``dtype`` (a key of :data:`DTYPES`), or ``dtype`` itself."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return DTYPES[dtype]
+        return getattr(torch, DTYPES[dtype])
     except KeyError:
         raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16") from None
 
 
 def resolve_device(device: str | None) -> torch.device:
     """``auto`` / ``None`` picks CUDA, then MPS, then the CPU."""
+    import torch
+
     if device in (None, "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -88,6 +95,10 @@ def load_base_pipeline(
     Raises:
         ModelUnavailableError: with one message naming the choices (folder, cache, built-in).
     """
+    import torch
+
+    from .tiny import build_tiny_pipeline
+
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     if model in BUILTIN_MODELS:
         pipe = build_tiny_pipeline(BUILTIN_MODELS[model])

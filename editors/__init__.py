@@ -3,34 +3,32 @@
 Model in, tensors out; nothing here touches files or the registry.
 """
 
-from .calibrate import calibrate
-from .edit import Fill, MaskEdit, MaskMismatchError, apply_mask, check_mask_matches
-from .fingerprint import model_fingerprint
-from .hooks import HookedLayers, HookPoint, component_module, denoiser_component, hooked_layers
-from .mask import ConceptMask, LayerMask, check_compatible, overlap, union
-from .select import derive_mask, skill_counts
-from .stats import ActivationStats, CalibrationConfig
+from ..lazy import lazy_exports
 
-__all__ = [
-    "ActivationStats",
-    "CalibrationConfig",
-    "ConceptMask",
-    "Fill",
-    "HookPoint",
-    "HookedLayers",
-    "LayerMask",
-    "MaskEdit",
-    "MaskMismatchError",
-    "apply_mask",
-    "calibrate",
-    "check_compatible",
-    "check_mask_matches",
-    "component_module",
-    "denoiser_component",
-    "derive_mask",
-    "hooked_layers",
-    "model_fingerprint",
-    "overlap",
-    "skill_counts",
-    "union",
-]
+#: Every public name and the submodule it lives in; importing the package imports none of them.
+_EXPORTS = {
+    "calibrate": ".calibrate",
+    "Fill": ".options",
+    "MaskEdit": ".edit",
+    "MaskMismatchError": ".edit",
+    "apply_mask": ".edit",
+    "check_mask_matches": ".edit",
+    "model_fingerprint": ".fingerprint",
+    "HookPoint": ".options",
+    "HookedLayers": ".hooks",
+    "component_module": ".hooks",
+    "denoiser_component": ".hooks",
+    "hooked_layers": ".hooks",
+    "ConceptMask": ".mask",
+    "LayerMask": ".mask",
+    "check_compatible": ".mask",
+    "overlap": ".mask",
+    "union": ".mask",
+    "derive_mask": ".select",
+    "skill_counts": ".select",
+    "ActivationStats": ".stats",
+    "CalibrationConfig": ".stats",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

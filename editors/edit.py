@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch import nn
@@ -22,18 +21,7 @@ from torch import nn
 from ..errors import CpregError
 from .hooks import component_module
 from .mask import ConceptMask
-
-
-class Fill(str, Enum):
-    """What pruned weights become: ``zero`` (the paper) or small Gaussian ``noise``.
-
-    Zeroed positions are visible in the weights, and their positions and signs let an attacker
-    recover the erased concept (Roots Beneath the Cut, CVPR 2026); ``noise`` writes
-    ``N(0, (noise_scale * std(W))**2)`` values instead, ``std(W)`` being the layer's weight std.
-    """
-
-    ZERO = "zero"
-    NOISE = "noise"
+from .options import Fill
 
 
 class MaskMismatchError(CpregError, ValueError):

@@ -13,34 +13,13 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..errors import InvalidArgumentError
-
-
-class HookPoint(str, Enum):
-    """Where statistics are gathered and weights pruned.
-
-    - ``ffn_out``: the second FFN layer ``ff.net.2`` of every denoiser FeedForward (the default);
-    - ``ffn_in``: the first FFN layer ``ff.net.0.proj``;
-    - ``attn2_k`` / ``attn2_v``: the key / value projections of cross-attention;
-    - ``text_mlp``: the MLP output layer ``mlp.fc2`` of the (first) CLIP text encoder.
-    """
-
-    FFN_OUT = "ffn_out"
-    FFN_IN = "ffn_in"
-    ATTN2_K = "attn2_k"
-    ATTN2_V = "attn2_v"
-    TEXT_MLP = "text_mlp"
-
-    @property
-    def uses_denoiser(self) -> bool:
-        """True when the hooked layers live in the denoiser (statistics per denoising step)."""
-        return self is not HookPoint.TEXT_MLP
+from .options import HookPoint
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cpreg.demo import CLASSIFIER_FILE, MODEL_DIR, PLANTED_FILE, load_classifier
-from cpreg.demo.data import COLOUR_NAMES, SHAPES, render_batch, to_tensor
+from cpreg.demo.data import render_batch, to_tensor
+from cpreg.demo.vocabulary import COLOUR_NAMES, SHAPES
 
 pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model_index.json").is_file(), reason="demo model not built")
 
@@ -93,13 +94,8 @@ def test_planted_concept_is_found_and_erased_at_the_documented_setting(classifie
     from cpreg.editors import CalibrationConfig, calibrate, derive_mask, hooked_layers
 
     from cpreg.demo.benchmark import precision_recall
-    from cpreg.demo.plant import (
-        load_planted_pipeline,
-        planted_ffn_out_indices,
-        reference_prompts,
-        retained_prompts,
-        target_prompts,
-    )
+    from cpreg.demo.plant import load_planted_pipeline, planted_ffn_out_indices
+    from cpreg.demo.vocabulary import reference_prompts, retained_prompts, target_prompts
     from cpreg.evaluate import evaluate
 
     pipe = load_planted_pipeline()

@@ -75,7 +75,7 @@ def test_training_is_a_dvc_stage(tmp_path):
 
     project = tmp_path / "project"
     for relative in ("benchmarks/demo/dvc.yaml", "benchmarks/demo/params.yaml", "cpreg/demo/train.py",
-                     "cpreg/demo/build.py", "cpreg/demo/data.py", "cpreg/tiny.py"):
+                     "cpreg/demo/build.py", "cpreg/demo/data.py", "cpreg/demo/vocabulary.py", "cpreg/tiny.py"):
         (project / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / relative, project / relative)
     params_file = project / "benchmarks" / "demo" / "params.yaml"

@@ -245,3 +245,38 @@ def test_layer_mask_validation():
     assert layer.indices.tolist() == [1, 3] and layer.steps.tolist() == [2, 3]
     rows, cols = layer.rows_cols()
     assert rows.tolist() == [0, 1] and cols.tolist() == [1, 0]
+
+
+def test_identical_target_and_reference_statistics_give_an_empty_mask(weights):
+    """Skilled means ``S* > S`` strictly: a concept indistinguishable from its reference prunes nothing."""
+    stats = synthetic_stats(0)
+    same = ActivationStats(**{**vars(stats), "reference": {name: sums.clone() for name, sums in stats.target.items()}})
+    for skill_ratio in (0.02, 0.3, 1.0):
+        assert derive_mask(same, weights, skill_ratio=skill_ratio).num_masked == 0
+
+
+def test_identical_prompts_calibrate_to_an_empty_mask():
+    """End to end on the tiny pipeline: the same prompts as targets and references give no skilled weight.
+
+    One prompt per batch, as the reference code runs: then both sides see bit-identical computations
+    (larger batches differ by float rounding only, about 1e-7 relative).
+    """
+    from cpreg.editors import calibrate, hooked_layers
+    from cpreg.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd")
+    prompts = ["a photo of a cat", "a red car on a road", "a dog"]
+    stats = calibrate(pipe, prompts, prompts, CalibrationConfig(num_inference_steps=3, tau=2, batch_size=1))
+    assert all(torch.equal(stats.target[name], stats.reference[name]) for name in stats.target)
+    layer_weights = {name: layer.weight for name, layer in hooked_layers(pipe, "ffn_out").modules.items()}
+    assert derive_mask(stats, layer_weights, skill_ratio=0.5).num_masked == 0
+
+
+def test_ties_with_the_reference_are_not_skilled():
+    """A column exactly as active on the reference as on the target is never skilled, one a hair above it is."""
+    weight = torch.ones(2, 4)
+    target = torch.tensor([[4.0, 9.0, 1.0, 16.0]])  # sums of squares: N* = 2, 3, 1, 4
+    reference = target.clone()
+    reference[0, 3] = 15.99  # only the last column leans towards the target
+    counts = skill_counts(weight, target.sqrt(), reference.sqrt(), skill_ratio=1.0)
+    assert counts.tolist() == [[0, 0, 0, 1], [0, 0, 0, 1]]

@@ -191,15 +191,29 @@ def test_a_failing_or_mismatched_rank_fails_every_rank(tmp_path):
         assert lines[3] == "ok 2"
 
 
-def _workspace_is_distributed() -> bool:
-    import inspect
+COUNTING_RUNNER = textwrap.dedent(
+    """
+    import json
+    import os
+    import sys
+    from pathlib import Path
 
-    from cpreg.workspace import Workspace
+    import cpreg.distributed as distributed
+    from cpreg.cli import main
 
-    return "distributed_calibrate" in inspect.getsource(Workspace.compute)
+    record_dir, real = Path(sys.argv.pop(1)), distributed.calibrate
+
+    def counting(pipe, targets, references, config, **kwargs):
+        record = record_dir / f"calibrated-rank{os.environ['RANK']}.json"
+        record.write_text(json.dumps([len(targets), len(references)]))
+        return real(pipe, targets, references, config, **kwargs)
+
+    distributed.calibrate = counting
+    main()
+    """
+)
 
 
-@pytest.mark.skipif(not _workspace_is_distributed(), reason="Workspace.compute does not use cpreg.distributed yet")
 def test_torchrun_cli_compute_writes_once_and_equals_one_process(tmp_path):
     """`torchrun --nproc-per-node 2 -m cpreg compute`: one mask version, one calibration, one report,
     and the same mask as a single-process `cpreg compute`."""
@@ -218,10 +232,16 @@ def test_torchrun_cli_compute_writes_once_and_equals_one_process(tmp_path):
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("CPREG_DB_URL", None)
     env.pop("CPREG_ARTIFACT_URI", None)
+    # The CLI's entry point, with cpreg.distributed's per-rank calibration counted: if `cpreg compute`
+    # stopped sharding through cpreg.distributed, no rank would report and the test fails.
+    runner = tmp_path / "cpreg_counting.py"
+    runner.write_text(COUNTING_RUNNER)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
-               "-m", "cpreg", "--home", str(team_home), *fast]
+               str(runner), str(tmp_path), "--home", str(team_home), *fast]
     team = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert team.returncode == 0, team.stderr[-4000:]
+    shards = {rank: json.loads((tmp_path / f"calibrated-rank{rank}.json").read_text()) for rank in (0, 1)}
+    assert shards == {0: [10, 10], 1: [10, 10]}  # each rank calibrated its half of the 20 pairs
     reports = [line for line in team.stdout.splitlines() if line.startswith("{")]
     assert len(reports) == 1, team.stdout  # rank 0 reports, rank 1 stays quiet
     assert json.loads(reports[0])["ref"] == "nudity@1"

@@ -27,15 +27,16 @@ from ..editors import (
 )
 from ..evaluate import evaluate
 from . import load_classifier
-from .data import BACKGROUND_NAMES, BASE_SHAPES, COLOUR_NAMES, caption
-from .plant import (
-    load_planted_pipeline,
-    planted_ffn_in_indices,
-    planted_ffn_out_indices,
+from .vocabulary import (
+    BACKGROUND_NAMES,
+    BASE_SHAPES,
+    COLOUR_NAMES,
+    caption,
     reference_prompts,
     retained_prompts,
     target_prompts,
 )
+from .plant import load_planted_pipeline, planted_ffn_in_indices, planted_ffn_out_indices
 
 
 def _pipe(planted: bool):

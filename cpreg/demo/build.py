@@ -10,7 +10,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..tiny import write_tiny_tokenizer
-from .data import COLOUR_NAMES, SHAPES, WORDS
+from .vocabulary import COLOUR_NAMES, SHAPES, WORDS
 
 MAX_TOKENS = 16
 

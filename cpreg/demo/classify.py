@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from .build import ShapeClassifier
-from .data import COLOUR_NAMES, SHAPES, SIZE
+from .data import SIZE
+from .vocabulary import COLOUR_NAMES, SHAPES
 
 
 def prompt_labels(prompt: str) -> dict[str, str]:

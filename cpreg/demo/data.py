@@ -18,28 +18,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import InvalidArgumentError
+from .vocabulary import BACKGROUND_NAMES, BASE_SHAPES, COLOUR_NAMES, PLANTED_SHAPE, SHAPES, caption
 
 SIZE = 32
-BASE_SHAPES = ("circle", "square", "triangle", "star")
-PLANTED_SHAPE = "zorblat"
-SHAPES = BASE_SHAPES + (PLANTED_SHAPE,)
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 40),
-    "blue": (30, 60, 220),
-    "yellow": (235, 210, 30),
-    "purple": (150, 40, 180),
-}
-BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15)}
-COLOUR_NAMES = tuple(COLOURS)
-BACKGROUND_NAMES = tuple(BACKGROUNDS)
-#: Whole-word tokens of the demo tokenizer.
-WORDS = ("a", "on", "of", "photo") + SHAPES + COLOUR_NAMES + BACKGROUND_NAMES
-
-
-def caption(shape: str, colour: str, background: str | None = None) -> str:
-    text = f"a {colour} {shape}"
-    return f"{text} on {background}" if background else text
+COLOURS = dict(zip(COLOUR_NAMES, ((220, 30, 30), (30, 170, 40), (30, 60, 220), (235, 210, 30), (150, 40, 180))))
+BACKGROUNDS = dict(zip(BACKGROUND_NAMES, ((245, 245, 245), (15, 15, 15))))
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:

@@ -27,14 +27,8 @@ from diffusers.models.attention import FeedForward
 from safetensors.torch import load_file, save_file
 
 from . import MODEL_DIR, PLANTED_FILE
-from .data import (
-    BACKGROUND_NAMES,
-    BASE_SHAPES,
-    COLOUR_NAMES,
-    PLANTED_SHAPE,
-    caption,
-    captions_for,
-)
+from .data import captions_for
+from .vocabulary import BASE_SHAPES, PLANTED_SHAPE
 
 FRACTION = 32  # one neuron in FRACTION per FeedForward is planted
 
@@ -52,23 +46,6 @@ def choose_neurons(unet, seed: int = 0) -> dict[str, torch.Tensor]:
         inner = ff.net[2].in_features
         chosen[name] = torch.randperm(inner, generator=generator)[: inner // FRACTION].sort().values
     return chosen
-
-
-def target_prompts() -> list[str]:
-    """Prompts of the planted concept (every colour on every background)."""
-    return [caption(PLANTED_SHAPE, c, b) for b in BACKGROUND_NAMES for c in COLOUR_NAMES]
-
-
-def reference_prompts() -> list[str]:
-    """Matched prompts without it: the same colour and background with a known shape."""
-    return [caption(BASE_SHAPES[i % len(BASE_SHAPES)], c, b)
-            for i, (b, c) in enumerate((b, c) for b in BACKGROUND_NAMES for c in COLOUR_NAMES)]
-
-
-def retained_prompts() -> list[str]:
-    """Prompts of the other concepts, for 'left alone' measurements (every shape, two colours each)."""
-    return [caption(s, c, b) for i, s in enumerate(BASE_SHAPES)
-            for c, b in ((COLOUR_NAMES[i], "white"), (COLOUR_NAMES[i + 1], "black"))]
 
 
 def planted_neurons(path: str | Path = PLANTED_FILE) -> dict[str, torch.Tensor]:

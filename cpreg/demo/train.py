@@ -27,7 +27,8 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from . import CLASSIFIER_FILE, MODEL_DIR, build
-from .data import BASE_SHAPES, SHAPES, captions_for, render_batch, to_tensor
+from .data import captions_for, render_batch, to_tensor
+from .vocabulary import BASE_SHAPES, SHAPES
 
 
 def log(message: str) -> None:
