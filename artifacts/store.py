@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
 
+from .atomic import atomic_write
 from .errors import ArtifactError, CorruptObjectError, MissingObjectError
 
 _OID = re.compile(r"[0-9a-f]{64}")
@@ -63,19 +64,6 @@ def check_oid(oid: object) -> str:
     if not isinstance(oid, str) or not _OID.fullmatch(oid):
         raise ArtifactError(f"invalid object id {oid!r}: need a sha256 as 64 lowercase hex characters")
     return oid
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ObjectStore:
@@ -175,21 +163,7 @@ class ObjectStore:
         return oid
 
     def _put_local(self, oid: str, data: BytesLike) -> None:
-        final = self._local_file(oid)
-        directory = final.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        temp = directory / f".{oid[2:]}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(temp, "xb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, final)
-        except BaseException:
-            with suppress(OSError):
-                os.unlink(temp)
-            raise
-        _fsync_dir(directory)
+        atomic_write(self._local_file(oid), data, durable=True)
 
     def _put_remote(self, oid: str, data: BytesLike) -> None:
         fs, final = self._fs, self._remote_key(oid)

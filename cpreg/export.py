@@ -12,10 +12,9 @@ Example:
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
+from .artifacts.atomic import atomic_path
 from .editors import ConceptMask, Fill, apply_mask
 from .errors import InvalidArgumentError
 
@@ -25,16 +24,8 @@ def export_pipeline(pipe, mask: ConceptMask, out_dir: str | Path, card: str, *, 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InvalidArgumentError(f"export target {str(out_dir)!r} exists and is not an empty folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_path(out_dir, folder=True) as staging:
         with apply_mask(pipe, mask, fill=fill, seed=seed):
             pipe.save_pretrained(staging, safe_serialization=True)
         (staging / "README.md").write_text(card, encoding="utf-8")
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir

@@ -11,7 +11,6 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 
+from .artifacts.atomic import atomic_path
 from .editors import ConceptMask
 from .errors import InvalidArgumentError
 
@@ -57,13 +57,6 @@ def write_mask_file(mask: ConceptMask, out: str | os.PathLike, *, overwrite: boo
         raise InvalidArgumentError(f"unknown mask file type {out.suffix or '(none)'!r}; use one of {', '.join(FORMATS)}")
     if out.exists() and not overwrite:
         raise InvalidArgumentError(f"{str(out)!r} exists; pass --force to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent)
-    os.close(handle)
-    try:
-        _write(mask, suffix, Path(temporary))
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as temporary:
+        _write(mask, suffix, temporary)
     return out

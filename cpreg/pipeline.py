@@ -15,10 +15,10 @@ import csv
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from .artifacts import mask_from_bytes, sha256_hex
+from .artifacts.atomic import atomic_write
 from .errors import InvalidArgumentError
 
 #: Format tag of the release record written by ``cpreg release``.
@@ -39,18 +39,7 @@ def check_output(path: str | os.PathLike, suffixes: tuple[str, ...], *, force: b
 
 def write_output(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` atomically (the file appears complete or not at all)."""
-    path = Path(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def read_input(path: str | os.PathLike, what: str) -> bytes:

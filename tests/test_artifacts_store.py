@@ -17,7 +17,6 @@ from pathlib import Path
 import fsspec
 import pytest
 
-import cpreg.artifacts
 from cpreg.artifacts import (
     ArtifactError,
     CorruptObjectError,
@@ -330,12 +329,10 @@ def test_concurrent_puts_of_the_same_object(tmp_path):
 # A child process loads only artifacts/errors.py and artifacts/store.py (no torch import: fast).
 CHILD = textwrap.dedent(
     """
-    import importlib, os, sys, time, types
-    package = types.ModuleType("_artifacts_child")
-    package.__path__ = [sys.argv[1]]
-    sys.modules["_artifacts_child"] = package
-    store = importlib.import_module("_artifacts_child.store").ObjectStore(sys.argv[2])
-    if sys.argv[3] == "hang-before-rename":
+    import os, sys, time
+    from cpreg.artifacts.store import ObjectStore  # light: the artifact formats (torch) load lazily
+    store = ObjectStore(sys.argv[1])
+    if sys.argv[2] == "hang-before-rename":
         def fsync(fd):
             print("written", flush=True)
             time.sleep(60)
@@ -349,10 +346,7 @@ CHILD = textwrap.dedent(
 
 
 def _child(root: Path, mode: str) -> subprocess.Popen:
-    package_dir = str(Path(cpreg.artifacts.__file__).parent)
-    return subprocess.Popen(
-        [sys.executable, "-c", CHILD, package_dir, str(root), mode], stdout=subprocess.PIPE, text=True
-    )
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(root), mode], stdout=subprocess.PIPE, text=True)
 
 
 def _kill(child: subprocess.Popen) -> None:
