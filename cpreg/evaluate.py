@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .editors import (
     ConceptMask,
@@ -34,10 +34,10 @@ from .editors import (
     denoiser_component,
 )
 from .errors import InvalidArgumentError
+from .grid import generate_images, labelled_grid
 
 #: Timesteps (of 1000 training steps) at which the proxy compares noise predictions.
 PROXY_TIMESTEPS = (900, 700, 500, 300, 100)
-LABEL_HEIGHT = 12
 
 
 def random_mask_like(mask: ConceptMask, seed: int = 0) -> ConceptMask:
@@ -49,18 +49,6 @@ def random_mask_like(mask: ConceptMask, seed: int = 0) -> ConceptMask:
         layers[name] = LayerMask(layer.shape, indices.to(torch.int64), torch.ones(layer.count, dtype=torch.uint8))
     return ConceptMask(layers=layers, hook=mask.hook, component=mask.component, fingerprint=mask.fingerprint,
                        component_params=mask.component_params, params={"control": "random", "seed": seed})
-
-
-def _generate(pipe, prompts: Sequence[str], samples: int, seed: int, steps: int, guidance_scale: float,
-              batch_size: int) -> dict[str, list[Image.Image]]:
-    jobs = [(prompt, seed + i) for prompt in prompts for i in range(samples)]
-    images: list[Image.Image] = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(s) for _, s in chunk]
-        images += pipe(prompt=[p for p, _ in chunk], generator=generators, num_inference_steps=steps,
-                       guidance_scale=guidance_scale).images
-    return {prompt: images[i * samples : (i + 1) * samples] for i, prompt in enumerate(prompts)}
 
 
 def _accuracy(classifier, images: dict[str, list[Image.Image]]) -> tuple[float, dict[str, float]]:
@@ -114,24 +102,6 @@ def _proxy(pipe, mask: ConceptMask, erased: Sequence[str], retained: Sequence[st
     }
 
 
-def _grid(columns: dict[str, dict[str, list[Image.Image]]], prompts: Sequence[str], per_prompt: int) -> Image.Image:
-    labels = list(columns)
-    first = next(iter(columns.values()))[prompts[0]][0]
-    w, h = first.size
-    block = per_prompt * w + 4
-    grid = Image.new("RGB", (len(labels) * block, LABEL_HEIGHT + len(prompts) * (h + LABEL_HEIGHT)), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, label in enumerate(labels):
-        draw.text((c * block + 2, 0), label, fill="black")
-        for r, prompt in enumerate(prompts):
-            y = LABEL_HEIGHT + r * (h + LABEL_HEIGHT)
-            if c == 0:
-                draw.text((2, y), prompt[:60], fill="gray")
-            for i, image in enumerate(columns[label][prompt][:per_prompt]):
-                grid.paste(image, (c * block + i * w, y + LABEL_HEIGHT))
-    return grid
-
-
 def evaluate(
     pipe,
     mask: ConceptMask,
@@ -179,10 +149,10 @@ def evaluate(
     images: dict[str, dict[str, list[Image.Image]]] = {}
     for label, m in masks.items():
         if m is None:
-            images[label] = _generate(pipe, prompts, **run)
+            images[label] = generate_images(pipe, prompts, **run)
         else:
             with apply_mask(pipe, m, fill=fill):
-                images[label] = _generate(pipe, prompts, **run)
+                images[label] = generate_images(pipe, prompts, **run)
 
     report: dict = {
         **(header or {}),
@@ -231,7 +201,7 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         shown = erased_prompts[:4] + retained_prompts[:4]
         path = out / "grid.png"
-        _grid(images, shown, min(samples, 4)).save(path)
+        labelled_grid(images, shown, min(samples, 4)).save(path)
         report["grid"] = str(path)
         (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report

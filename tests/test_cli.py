@@ -228,8 +228,10 @@ def test_generate_writes_a_side_by_side_grid(home, tmp_path):
     result = run_json(home, "generate", "--release", "safe-v1", "--prompt", "a photo of a naked man",
                       "--prompt", "a cat", "--steps", "2", "--out", str(out))
     assert result["path"] == str(out)
-    image = Image.open(out)
-    assert image.size[0] == 2 * 32 and image.size[1] > 2 * 32
+    from cpreg.grid import LABEL_HEIGHT
+
+    # two labelled columns (base, edited) of 32-pixel images, a row per prompt under its label
+    assert Image.open(out).size == (2 * (32 + 4), LABEL_HEIGHT + 2 * (LABEL_HEIGHT + 32))
 
 
 def test_eval_reports_the_documented_keys(home, tmp_path):
