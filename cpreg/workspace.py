@@ -48,6 +48,7 @@ from .editors import (
     MaskEdit,
     apply_mask,
     calibrate,
+    check_selection,
     component_module,
     denoiser_component,
     derive_mask,
@@ -234,10 +235,7 @@ class Workspace:
         spec = concept if isinstance(concept, ConceptSpec) else self.concept_spec(concept)
         validate_name(spec.name)
         skill_ratio = spec.skill_ratio if skill_ratio is None else skill_ratio
-        if not 0.0 < skill_ratio <= 1.0:
-            raise InvalidArgumentError(f"skill_ratio must be in (0, 1], got {skill_ratio}")
-        if not 0.0 <= select_ratio < 1.0:
-            raise InvalidArgumentError(f"select_ratio must be in [0, 1), got {select_ratio}")
+        check_selection(skill_ratio, select_ratio)
         model = model or default_model()
         init_distributed()  # under torchrun: join the group before loading, each rank on its own GPU
         pipe = pipe if pipe is not None else load_base_pipeline(model, dtype=dtype, device=device)
@@ -405,12 +403,7 @@ class Workspace:
         validate_name(spec.name)
         stats = stats_from_bytes(stats_data)
         skill_ratio = spec.skill_ratio if skill_ratio is None else skill_ratio
-        if not 0.0 < skill_ratio <= 1.0:
-            raise InvalidArgumentError(f"skill_ratio must be in (0, 1], got {skill_ratio}")
-        if not 0.0 <= select_ratio < 1.0:
-            raise InvalidArgumentError(f"select_ratio must be in [0, 1), got {select_ratio}")
-        if tau is not None and not 1 <= tau <= stats.steps:
-            raise InvalidArgumentError(f"tau must be in [1, {stats.steps}] (the calibrated steps), got {tau}")
+        check_selection(skill_ratio, select_ratio, tau, calibrated_tau=stats.steps)
         if stats.fingerprint is None:
             raise InvalidArgumentError(f"{source} name no base model fingerprint")
         if model is None:

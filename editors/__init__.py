@@ -24,6 +24,7 @@ _EXPORTS = {
     "check_compatible": ".mask",
     "overlap": ".mask",
     "union": ".mask",
+    "check_selection": ".select",
     "derive_mask": ".select",
     "skill_counts": ".select",
     "ActivationStats": ".stats",

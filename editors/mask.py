@@ -131,8 +131,9 @@ class ConceptMask:
             ValueError: ``select_ratio`` is outside [0, 1) (as in ``derive_mask``) or below the
                 mask's own, or the mask records no ``tau`` (a union of masks).
         """
-        if not 0.0 <= select_ratio < 1.0:
-            raise InvalidArgumentError(f"select_ratio must be in [0, 1), got {select_ratio}")
+        from .select import check_selection  # select imports this module
+
+        check_selection(select_ratio=select_ratio)
         if "tau" not in self.params:
             raise InvalidArgumentError("this mask records no tau (a union of masks?): derive it again to change select_ratio")
         tau = int(self.params["tau"])

@@ -53,6 +53,28 @@ def skill_counts(
     return counts
 
 
+def check_selection(
+    skill_ratio: float | None = None, select_ratio: float = 0.0, tau: int | None = None, *, calibrated_tau: int | None = None
+) -> None:
+    """Refuse selection parameters :func:`derive_mask` cannot use, before any model run or scoring.
+
+    Parameters given as ``None`` are not checked.
+
+    Example:
+        >>> check_selection(0.02, 0.0, tau=12, calibrated_tau=10)
+        Traceback (most recent call last):
+        cpreg.errors.InvalidArgumentError: tau must be in [1, 10] (the calibrated steps), got 12
+    """
+    if skill_ratio is not None and not 0.0 < skill_ratio <= 1.0:
+        raise InvalidArgumentError(f"skill_ratio must be in (0, 1], got {skill_ratio}")
+    if not 0.0 <= select_ratio < 1.0:
+        raise InvalidArgumentError(f"select_ratio must be in [0, 1), got {select_ratio}")
+    if tau is not None and calibrated_tau is not None and not 1 <= tau <= calibrated_tau:
+        raise InvalidArgumentError(f"tau must be in [1, {calibrated_tau}] (the calibrated steps), got {tau}")
+    if tau is not None and tau > 255:
+        raise InvalidArgumentError("tau above 255 does not fit the uint8 step counts")
+
+
 def derive_mask(
     stats: ActivationStats,
     weights: Mapping[str, torch.Tensor],
@@ -71,15 +93,8 @@ def derive_mask(
         select_ratio: in [0, 1); 0 takes the union over the ``tau`` steps.
         device: where to score (default: the weights' device; pass ``"cuda"`` for speed).
     """
-    if not 0.0 < skill_ratio <= 1.0:
-        raise InvalidArgumentError(f"skill_ratio must be in (0, 1], got {skill_ratio}")
-    if not 0.0 <= select_ratio < 1.0:
-        raise InvalidArgumentError(f"select_ratio must be in [0, 1), got {select_ratio}")
     tau = stats.steps if tau is None else tau
-    if not 1 <= tau <= stats.steps:
-        raise InvalidArgumentError(f"tau must be in [1, {stats.steps}] (the calibrated steps), got {tau}")
-    if tau > 255:
-        raise InvalidArgumentError("tau above 255 does not fit the uint8 step counts")
+    check_selection(skill_ratio, select_ratio, tau, calibrated_tau=stats.steps)
     target_norms, reference_norms = stats.target_norms(), stats.reference_norms()
     layers = {}
     for name, shape in stats.layer_shapes.items():
