@@ -603,7 +603,7 @@ class Workspace:
         lines = [
             f"# {base.name} with {entity.ref} erased",
             "",
-            "Edited with [cpreg](https://github.com/) (ConceptPrune, arXiv 2405.19237): skilled neurons of the",
+            "Edited with cpreg (ConceptPrune, [arXiv 2405.19237](https://arxiv.org/abs/2405.19237)): skilled neurons of the",
             f"`{entity.hook}` layers were {'zeroed' if fill is Fill.ZERO else 'overwritten with small Gaussian noise'}.",
             "",
             f"- base model: `{base.name}` (fingerprint `{base.fingerprint}`, architecture {base.architecture})",
