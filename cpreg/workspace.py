@@ -572,29 +572,34 @@ class Workspace:
     def evaluate(self, ref: str, *, base: str | None = None, erased_prompts: list[str] | None = None,
                  retained_prompts: list[str] | None = None, classifier: str = "auto", clip_model: str | None = None,
                  device: str | None = "auto", **evaluate_kwargs) -> dict:
-        """Erasure measurement of a mask or release (:func:`cpreg.evaluate.evaluate`).
+        """Erasure and preservation measurement of a mask or release (:func:`cpreg.evaluate.evaluate`).
 
-        Default prompts: the targets the members were calibrated on (erased) and their references
-        that are no member's target (retained).
+        Default prompts: the targets the members were calibrated on (erased) and, decided by the
+        model, the retained set of :func:`cpreg.prompts.retained_set` (demo models: every base shape,
+        colour and background; others: the references, the catalog's other concepts and generic captions).
         ``classifier``: ``auto``, ``demo``, ``nudenet``, ``clip`` or ``none``, resolved (with ``clip_model``)
         by :func:`cpreg.classifiers.resolve_classifier` before the model is loaded; without one the report
-        says why.
+        says why. CLIP scores use ``clip_model`` (:func:`cpreg.classifiers.resolve_clip_scorer`).
         """
-        from .classifiers import resolve_classifier
+        from .classifiers import resolve_classifier, resolve_clip_scorer
         from .evaluate import evaluate
+        from .models import DEMO_MODELS
+        from .prompts import retained_set
 
         entity = self.registry.resolve(ref)
         members = self.registry.release_members(entity) if isinstance(entity, Release) else [entity]
         specs = [self.mask_spec(member) for member in members]
         erased = erased_prompts or list(dict.fromkeys(prompt for spec in specs for prompt in spec.targets))
-        retained = retained_prompts or list(dict.fromkeys(  # another member's target is not "retained"
-            prompt for spec in specs for prompt in spec.references if prompt and prompt not in erased))
         model = base or self.registry.get_base_model(entity.base_model_fingerprint).name
+        retained = retained_set(model, specs, erased, retained_prompts)
         chosen = resolve_classifier(classifier, model=model, concepts=specs, erased_prompts=erased,
-                                    retained_prompts=retained, clip_model=clip_model, device=device)
+                                    person_prompts=retained.person_prompts, clip_model=clip_model, device=device)
+        scorer = resolve_clip_scorer(clip_model, device, chosen.classifier)
         pipe = self.base_pipeline(entity, model, device=device)
-        return evaluate(pipe, self.load_mask(entity), erased, retained, classifier=chosen.classifier,
-                        classifier_reason=chosen.reason, header={"ref": entity.ref, "model": model}, **evaluate_kwargs)
+        return evaluate(pipe, self.load_mask(entity), erased, retained.prompts, retained_groups=retained.groups,
+                        classifier=chosen.classifier, classifier_reason=chosen.reason, clip_scorer=scorer.scorer,
+                        clip_reason=scorer.reason, colour_fidelity=model in DEMO_MODELS,
+                        header={"ref": entity.ref, "model": model}, **evaluate_kwargs)
 
     def model_card(self, entity: Mask | Release, *, fill: Fill = Fill.ZERO) -> str:
         """README.md of an exported pipeline: erased concepts, versions, parameters, lineage."""
