@@ -52,7 +52,16 @@ INTERNAL_ERROR_EXIT = 3
 
 
 class _Group(TyperGroup):
-    """Reports a command's failure: user errors in one line (exit 1), bugs as internal errors (exit 3)."""
+    """Reports a command's failure: user errors in one line (exit 1), bugs as internal errors (exit 3).
+
+    ``--debug`` is accepted anywhere before a ``--`` (``cpreg masks list --debug`` as well).
+    """
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[:end]:
+            args = ["--debug", *(arg for arg in args[:end] if arg != "--debug"), *args[end:]]
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         try:
@@ -93,8 +102,21 @@ DvcStageOption = Annotated[Optional[str], typer.Option(
     "--dvc-stage", envvar="DVC_STAGE", show_envvar=False,
     help="DVC stage recorded with the registry rows (default: $DVC_STAGE, which `dvc repro` sets).")]
 HookOption = Annotated[HookPoint, typer.Option(help="Layers to score and prune.")]
-DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+def _check_device(device: str | None) -> str | None:
+    """Refuse a device this machine lacks before anything runs (imports torch: model commands only)."""
+    if device is not None:
+        from .models import resolve_device
+
+        resolve_device(device)
+    return device
+
+
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", callback=_check_device)]
+ScoringDeviceOption = Annotated[Optional[str], typer.Option(
+    help="Where to score: cpu, cuda, cuda:N or mps (default: the CPU).", callback=_check_device)]
 DtypeOption = Annotated[str, typer.Option(help="float32, float16 or bfloat16 (statistics are always fp32).")]
+BaseModelOption = Annotated[Optional[str], typer.Option(
+    "--model", "--base", help="Base model folder or hub id (default: the one REF was calibrated on).")]
 PromptsOption = Annotated[Optional[str], typer.Option(
     help="`catalog` (CONCEPT's built-in prompt pairs) or a concept YAML file (name, kind, targets, references); "
          "default: CONCEPT's registered prompts, else the catalog.")]
@@ -303,7 +325,7 @@ def derive(
     skill_ratio: Annotated[float, typer.Option(help="Fraction of each row's inputs in the top-k.")],
     timesteps: Annotated[Optional[int], typer.Option("--timesteps", help="tau (default: the calibrated one).")] = None,
     select_ratio: float = 0.0,
-    device: Annotated[Optional[str], typer.Option(help="Where to score (default cpu).")] = None,
+    device: ScoringDeviceOption = None,
     description: str = "",
     as_json: JsonOption = False,
 ) -> None:
@@ -396,7 +418,7 @@ def mask_command(
     skill_ratio: Annotated[Optional[float], typer.Option(help="Default: by the concept's kind (0.01 styles, 0.02 objects).")] = None,
     timesteps: Annotated[Optional[int], typer.Option("--timesteps", help="tau (default: the calibrated one).")] = None,
     select_ratio: float = 0.0,
-    device: Annotated[Optional[str], typer.Option(help="Where to score (default cpu).")] = None,
+    device: ScoringDeviceOption = None,
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Also write the mask to this .parquet file (the registry's format).")] = None,
     force: ForceOption = False,
     description: str = "",
@@ -670,7 +692,7 @@ def export(
     ref: str,
     out_dir: Path,
     fill: Annotated[Fill, typer.Option(help="zero (the paper) or noise (hides pruned positions).")] = Fill.ZERO,
-    base: Annotated[Optional[str], typer.Option(help="Base model folder or id (default: the recorded one).")] = None,
+    base: BaseModelOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Write a complete diffusers pipeline folder with REF applied, and a model card.
@@ -698,7 +720,7 @@ def generate(
     seed: int = 0,
     steps: int = 25,
     guidance_scale: float = 7.5,
-    base: Optional[str] = None,
+    base: BaseModelOption = None,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
 ) -> None:
@@ -720,7 +742,7 @@ def generate(
 @app.command("eval")
 def eval_command(
     ref: str,
-    model: Annotated[Optional[str], typer.Option(help="Base model folder or id (default: the recorded one).")] = None,
+    model: BaseModelOption = None,
     erased_prompts: Annotated[Optional[Path], typer.Option(help="Prompts of the erased concept(s), one per line (default: the concepts' targets).")] = None,
     retained_prompts: Annotated[Optional[Path], typer.Option(help="Prompts of other concepts (default: the concepts' references).")] = None,
     samples: Annotated[int, typer.Option(help="Images per prompt, before and after.")] = 8,
