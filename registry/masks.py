@@ -8,6 +8,8 @@ aliases are metadata and may change.
 Example:
     >>> reg.add_mask("nudity", mask, model, calibration).ref
     'nudity@4'
+    >>> reg.get_or_add_mask("nudity", mask, model, calibration)[0].ref   # same content: reused
+    'nudity@4'
     >>> reg.set_alias("nudity@4", "prod").ref
     'nudity@prod'
 """
@@ -77,7 +79,7 @@ class MaskMixin:
 
         The mask's fingerprint must be the base model's (and the calibration's base model, when
         given). The object is stored before the row is committed. With ``reuse_existing`` an
-        existing version with the same content is returned instead.
+        existing version with the same content is returned instead (:meth:`get_or_add_mask`).
 
         Example:
             >>> reg.add_mask("nudity", mask, model, cal, tags=["paper"]).ref
@@ -89,6 +91,37 @@ class MaskMixin:
             reuse=reuse_existing,
         )
         return entity
+
+    def get_or_add_mask(
+        self,
+        concept: Concept | str,
+        mask: ConceptMask,
+        base_model: BaseModelArg,
+        calibration: Calibration | int | None = None,
+        *,
+        description: str = "",
+        tags: Iterable[str] = (),
+        created_by: str | None = None,
+        dvc_stage: str | None = None,
+        git_rev: str | None = None,
+    ) -> tuple[Mask, bool]:
+        """``(mask, created)``: the oldest version of ``concept`` on ``base_model`` with this
+        content (same object id: same layers, steps and parameters), else a new version.
+
+        An existing version is returned as it is (its own description, tags and provenance)
+        and nothing is written: no row, no event (the reuse rule, docs/data-model.md).
+
+        Example:
+            >>> reg.get_or_add_mask("nudity", mask, model, cal)
+            (Mask(concept='nudity', version=4, ...), True)
+            >>> reg.get_or_add_mask("nudity", mask, model, cal)[1]
+            False
+        """
+        return self._add_mask(
+            concept, mask, base_model, calibration,
+            description=description, tags=tags, created_by=created_by, dvc_stage=dvc_stage, git_rev=git_rev,
+            reuse=True,
+        )
 
     def _add_mask(
         self,
@@ -104,7 +137,7 @@ class MaskMixin:
         git_rev: str | None,
         reuse: bool,
     ) -> tuple[Mask, bool]:
-        """``(mask, created)``: with ``reuse`` the oldest version with this content if there is one."""
+        """:meth:`get_or_add_mask` (``reuse``), else a new version whatever exists."""
         if not isinstance(mask, ConceptMask):
             raise RegistryError(f"mask must be a ConceptMask, got {type(mask).__name__}")
         tags = validate_tags(tags)

@@ -8,6 +8,8 @@ from the store by ``union_oid``.
 Example:
     >>> reg.compose("safe-v1", ["nudity@prod", "van-gogh"]).ref
     'safe-v1@1'
+    >>> reg.get_or_compose("safe-v1", ["van-gogh", "nudity@prod"])   # same members: the latest
+    (Release(name='safe-v1', version=1, ...), False)
 """
 
 from __future__ import annotations
@@ -66,6 +68,52 @@ class ReleaseMixin:
             >>> reg.compose("safe-v1", ["nudity@prod", "van-gogh@2"], notes="Q3 release").ref
             'safe-v1@1'
         """
+        release, _ = self._compose(
+            name, refs, notes,
+            base_model=base_model, created_by=created_by, dvc_stage=dvc_stage, git_rev=git_rev, reuse_latest=False,
+        )
+        return release
+
+    def get_or_compose(
+        self,
+        name: str,
+        refs: Sequence[MaskArg],
+        notes: str = "",
+        *,
+        base_model: BaseModelArg | None = None,
+        created_by: str | None = None,
+        dvc_stage: str | None = None,
+        git_rev: str | None = None,
+    ) -> tuple[Release, bool]:
+        """``(release, created)``: the latest version of ``name`` when it has exactly these
+        members (hence the same union), else a new version as :meth:`compose` makes it.
+
+        An existing version is returned as it is (its own notes and provenance) and nothing is
+        written: no row, no event (the reuse rule, docs/data-model.md). Only the latest version
+        counts: going back to an older version's members makes a new version.
+
+        Example:
+            >>> reg.get_or_compose("safe-v1", ["nudity@3", "van-gogh@2"])
+            (Release(name='safe-v1', version=2, ...), False)
+        """
+        return self._compose(
+            name, refs, notes,
+            base_model=base_model, created_by=created_by, dvc_stage=dvc_stage, git_rev=git_rev, reuse_latest=True,
+        )
+
+    def _compose(
+        self,
+        name: str,
+        refs: Sequence[MaskArg],
+        notes: str,
+        *,
+        base_model: BaseModelArg | None,
+        created_by: str | None,
+        dvc_stage: str | None,
+        git_rev: str | None,
+        reuse_latest: bool,
+    ) -> tuple[Release, bool]:
+        """:meth:`get_or_compose` (``reuse_latest``), else a new version whatever exists."""
         validate_name(name, "release name")
         validate_text(notes, ReleaseRow.notes)
         validate_provenance(ReleaseRow, created_by, dvc_stage, git_rev)
@@ -89,7 +137,7 @@ class ReleaseMixin:
         data = mask_to_bytes(merged)
         oid = self.store.put(data)
 
-        def write(session: Session) -> Release:
+        def write(session: Session) -> tuple[Release, bool]:
             if concept_exists(session, name):
                 raise ConflictError(f"release name {name!r} is already the name of a concept")
             rows = []
@@ -99,6 +147,9 @@ class ReleaseMixin:
                     raise NotFoundError(f"mask {member.ref} was deleted meanwhile")
                 rows.append(row)
             latest = latest_release_row(session, name)
+            if reuse_latest and latest is not None and latest.union_oid == oid:
+                if {member.mask_id for member in latest.members} == {row.id for row in rows}:
+                    return latest.to_entity(), False
             keep_object(session, self.store, oid, data)
             release = ReleaseRow(
                 name=name,
@@ -117,7 +168,7 @@ class ReleaseMixin:
             session.flush()
             details = {"members": [row.ref for row in rows], "oid": oid, "masked": merged.num_masked}
             self._tx.event(session, created_by, "release.compose", f"release:{release.ref}", details)
-            return release.to_entity()
+            return release.to_entity(), True
 
         return self._tx.write(write)
 

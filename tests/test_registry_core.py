@@ -259,6 +259,38 @@ def test_reuse_existing_returns_the_same_version(reg, model, nudity):
     assert duplicate.version == 4 and duplicate.artifact_oid == nudity[1].artifact_oid
 
 
+# ---------------------------------------------------------------- the reuse rule
+
+
+def test_an_identical_mask_is_found_not_added(reg, model, nudity):
+    """Same concept, base model and content: (the oldest such version, False), nothing written."""
+    before = snapshot(reg)
+    found, created = reg.get_or_add_mask("nudity", make_mask(2), model, description="other words", tags=["x"])
+    assert (found, created) == (nudity[1], False)  # its own description and tags, as stored
+    assert snapshot(reg) == before  # no row, no event, no object
+    new, created = reg.get_or_add_mask("nudity", make_mask(4), model)
+    assert created and new.ref == "nudity@4" and reg.events(1)[0].subject == "mask:nudity@4"
+    assert reg.add_mask("nudity", make_mask(4), model, reuse_existing=True) == new  # the same rule
+    other = reg.ensure_base_model("tiny/sdxl", FP_B)
+    on_b, created = reg.get_or_add_mask("nudity", make_mask(2, fingerprint=FP_B), other)
+    assert created and on_b.ref == "nudity@1"  # another base model is another mask
+
+
+def test_a_release_with_the_latest_members_is_found_not_composed(reg, model, nudity):
+    first, created = reg.get_or_compose("safe", ["nudity@1", "nudity@2"], notes="first")
+    assert created and first.ref == "safe@1"
+    before = snapshot(reg)
+    again, created = reg.get_or_compose("safe", ["nudity@2", "nudity@1", "nudity@2"], notes="other notes")
+    assert (again, created) == (first, False)  # order and repeats do not matter; notes are its own
+    assert snapshot(reg) == before
+    second, created = reg.get_or_compose("safe", ["nudity@3"])
+    assert created and second.ref == "safe@2"
+    back, created = reg.get_or_compose("safe", ["nudity@1", "nudity@2"])
+    assert created and back.ref == "safe@3" and back.union_oid == first.union_oid  # only the latest counts
+    assert [e.action for e in reg.events(3)] == ["release.compose"] * 3
+    assert reg.compose("safe", ["nudity@1", "nudity@2"]).ref == "safe@4"  # compose always makes a version
+
+
 # ---------------------------------------------------------------- entities from relationships
 
 
