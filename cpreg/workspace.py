@@ -54,7 +54,6 @@ from .editors import (
     derive_mask,
     hooked_layers,
     model_fingerprint,
-    union,
 )
 from .errors import CpregError, InvalidArgumentError
 from .export import export_pipeline
@@ -438,10 +437,6 @@ class Workspace:
         )
         data = mask_to_bytes(mask)
         oid = sha256_hex(data)
-        try:
-            reused = any(m.artifact_oid == oid for m in self.registry.list_masks(spec.name, base_model=stats.fingerprint))
-        except NotFoundError:
-            reused = False  # concept or base model not registered yet
         base = self.registry.ensure_base_model(model, stats.fingerprint, architecture=architecture_of(pipe))
         concept_row = self._ensure_concept(spec)
         if calibration is None:
@@ -451,13 +446,12 @@ class Workspace:
                 stats, base, prompts, dtype="unknown", device="unknown", duration_s=0.0,
                 library_versions={}, dvc_stage=dvc_stage, git_rev=git_rev,
             )
-        entry = self.registry.add_mask(
-            concept_row, mask, base, calibration,
-            description=description, dvc_stage=dvc_stage, git_rev=git_rev, reuse_existing=True,
+        entry, created = self.registry.get_or_add_mask(
+            concept_row, mask, base, calibration, description=description, dvc_stage=dvc_stage, git_rev=git_rev,
         )
         if oid != entry.artifact_oid:  # pragma: no cover - mask_to_bytes is deterministic
             raise CpregError(f"the bytes of {entry.ref} are not reproducible")
-        return MaskResult(entry, data, reused)
+        return MaskResult(entry, data, reused=not created)
 
     def _calibration_by_oid(self, fingerprint: str, oid: str) -> Calibration | None:
         try:
@@ -487,10 +481,10 @@ class Workspace:
         if not members:
             raise InvalidArgumentError("a release needs at least one member")
         sources = sources or [concept for concept, _ in members]
-        masks, entries = [], []
+        entries = []
         for (concept, data), source in zip(members, sources, strict=True):
             try:
-                masks.append(mask_from_bytes(data))
+                mask_from_bytes(data)
             except ValueError as error:
                 raise InvalidArgumentError(f"{source}: {error}") from None
             oid = sha256_hex(data)
@@ -500,24 +494,11 @@ class Workspace:
                     f"{source} is not a registered mask of concept {concept!r} in this registry "
                     f"(rerun its mask step, e.g. `dvc repro --force --single-item mask@{concept}`)"
                 )
-            entries.append(matches[0])  # the oldest version with this content, as add_mask reuses it
-        unique = list({entry.id: (entry, mask) for entry, mask in zip(entries, masks)}.values())
-        try:
-            merged = union([mask for _, mask in unique], [entry.ref for entry, _ in unique])
-        except ValueError as error:
-            raise InvalidArgumentError(f"cannot compose {name}: {error}") from None
-        data = mask_to_bytes(merged)
-        oid = sha256_hex(data)
-        member_ids = {entry.id for entry, _ in unique}
-        existing = self.registry.list_releases(name)
-        if existing and existing[-1].union_oid == oid and set(existing[-1].member_ids) == member_ids:
-            release, reused = existing[-1], True
-        else:
-            release = self.registry.compose(name, [entry for entry, _ in unique], notes,
-                                            dvc_stage=dvc_stage, git_rev=git_rev)
-            reused = False
-        ordered = sorted((entry for entry, _ in unique), key=lambda entry: release.member_ids.index(entry.id))
-        return ReleaseResult(release, tuple(ordered), data, reused)
+            entries.append(matches[0])  # the oldest version with this content, as get_or_add_mask reuses it
+        unique = list({entry.id: entry for entry in entries}.values())
+        release, created = self.registry.get_or_compose(name, unique, notes, dvc_stage=dvc_stage, git_rev=git_rev)
+        ordered = sorted(unique, key=lambda entry: release.member_ids.index(entry.id))
+        return ReleaseResult(release, tuple(ordered), self.registry.store.get(release.union_oid), reused=not created)
 
     def compose(self, name: str, refs: list[str], notes: str = "") -> Release:
         """A new version of release ``name``: the union of the masks ``refs``."""

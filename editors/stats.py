@@ -131,20 +131,3 @@ class ActivationStats:
             component_params=header.get("component_params", 0),
             extra=header.get("extra", {}),
         )
-
-    def merged(self, other: ActivationStats) -> ActivationStats:
-        """Statistics of the union of both prompt sets (sums of squares add)."""
-        if self.layer_shapes != other.layer_shapes or self.config != other.config:
-            raise InvalidArgumentError("can only merge statistics of the same layers and calibration configuration")
-        return ActivationStats(
-            target={n: v + other.target[n] for n, v in self.target.items()},
-            reference={n: v + other.reference[n] for n, v in self.reference.items()},
-            config=self.config,
-            component=self.component,
-            layer_shapes=self.layer_shapes,
-            num_target_prompts=self.num_target_prompts + other.num_target_prompts,
-            num_reference_prompts=self.num_reference_prompts + other.num_reference_prompts,
-            fingerprint=self.fingerprint,
-            component_params=self.component_params,
-            extra=self.extra,
-        )
