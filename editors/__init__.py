@@ -4,7 +4,18 @@ Model in, tensors out; nothing here touches files or the registry.
 """
 
 from .calibrate import calibrate
-from .edit import Fill, MaskEdit, MaskMismatchError, apply_mask, check_mask_matches
+from .edit import (
+    ActiveEdit,
+    EditStackError,
+    Fill,
+    MaskEdit,
+    MaskMismatchError,
+    active_edits,
+    apply_mask,
+    check_mask_matches,
+    restore_all,
+    switch,
+)
 from .fingerprint import model_fingerprint
 from .hooks import HookedLayers, HookPoint, component_module, denoiser_component, hooked_layers
 from .mask import ConceptMask, LayerMask, check_compatible, overlap, union
@@ -13,14 +24,17 @@ from .stats import ActivationStats, CalibrationConfig
 
 __all__ = [
     "ActivationStats",
+    "ActiveEdit",
     "CalibrationConfig",
     "ConceptMask",
+    "EditStackError",
     "Fill",
     "HookPoint",
     "HookedLayers",
     "LayerMask",
     "MaskEdit",
     "MaskMismatchError",
+    "active_edits",
     "apply_mask",
     "calibrate",
     "check_compatible",
@@ -31,6 +45,8 @@ __all__ = [
     "hooked_layers",
     "model_fingerprint",
     "overlap",
+    "restore_all",
     "skill_counts",
+    "switch",
     "union",
 ]
