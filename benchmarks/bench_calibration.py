@@ -61,17 +61,11 @@ def prompts(n_targets: int, n_references: int) -> tuple[list[str], list[str]]:
     return targets, references
 
 
-def build_sd15(device: str, dtype: torch.dtype, seed: int = 0):
-    """SD 1.5's architecture with random weights, from configs only (no download)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_sd15_unet():
+    """SD 1.5's UNet (859.5M parameters) with random weights from the global RNG, from its config."""
+    from diffusers import UNet2DConditionModel
 
-    from cpreg.tiny import write_tiny_tokenizer
-
-    torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer = write_tiny_tokenizer(folder)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=64,
         in_channels=4,
         out_channels=4,
@@ -82,6 +76,19 @@ def build_sd15(device: str, dtype: torch.dtype, seed: int = 0):
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     )
+
+
+def build_sd15(device: str, dtype: torch.dtype, seed: int = 0):
+    """SD 1.5's architecture with random weights, from configs only (no download)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cpreg.tiny import write_tiny_tokenizer
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = write_tiny_tokenizer(folder)
+    unet = build_sd15_unet()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
@@ -311,8 +318,8 @@ def bench_per_call(pipe, targets, references, args) -> dict:
     return result
 
 
-def synthetic_sd15_stats(tau: int, device: str):
-    generator = torch.Generator().manual_seed(0)
+def synthetic_sd15_stats(tau: int, device: str, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
     shapes = {f"{prefix}.transformer_blocks.0.ff.net.2": (width, 4 * width) for prefix, width in SD15_FFN}
     weights = {name: (torch.randn(shape, generator=generator) / math.sqrt(shape[1])).to(device) for name, shape in shapes.items()}
     stats = ActivationStats(
