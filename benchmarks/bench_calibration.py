@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -142,6 +143,26 @@ def build(model: str, device: str, dtype: torch.dtype):
             component.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def machine(device: str) -> dict:
+    """Where a benchmark runs: platform, CPUs, torch threads and version, the GPU if used."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+    }
+
+
+def report(result: dict, path: str | None) -> None:
+    """Print ``result`` as JSON on stdout and, given a ``path``, write it there too."""
+    print(json.dumps(result, indent=2))
+    if path:
+        with open(path, "w") as handle:
+            json.dump(result, handle, indent=2)
 
 
 def sync(device: str) -> None:
@@ -401,13 +422,7 @@ def main(argv=None) -> dict:
 
     result = {
         "args": vars(args),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        },
+        "machine": machine(args.device),
     }
     if not args.derive_only:
         log(f"building {args.model} on {args.device} ({args.dtype})")
@@ -474,11 +489,7 @@ def main(argv=None) -> dict:
             )
     if not args.skip_derive:
         result["derive"] = bench_derive(args)
-
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    report(result, args.json)
     return result
 
 

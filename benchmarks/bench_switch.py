@@ -23,15 +23,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from types import SimpleNamespace
 
 import torch
-from bench_calibration import SD15_FFN, build_sd15_unet, log, synthetic_sd15_stats, timer
+from bench_calibration import SD15_FFN, build_sd15_unet, log, machine, report, synthetic_sd15_stats, timer
 from torch import nn
 
 from cpreg.editors import ConceptMask, apply_mask, derive_mask, restore_all, switch
@@ -105,6 +103,7 @@ def bench_halves(pipe, masks: list[ConceptMask], repeats: int, device: str) -> d
             apply_mask(pipe, masks[i % 2])
         with timer(restore_wall, device, restore_cpu):
             restore_all(pipe)
+    log(f"apply_mask alone: min {1000 * min(apply_wall):.2f} ms; restore_all alone: min {1000 * min(restore_wall):.2f} ms")
     return {"apply_zero": summary(apply_wall, apply_cpu), "restore_all": summary(restore_wall, restore_cpu)}
 
 
@@ -121,14 +120,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     result = {
         "args": vars(args),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        },
+        "machine": machine(args.device),
         "load_average_before": os.getloadavg(),
     }
     log(f"building {args.model} on {args.device}")
@@ -142,10 +134,7 @@ def main(argv=None) -> dict:
     result["switch_noise"] = bench_switch(pipe, masks, "noise", args.noise_repeats, args.device)
     result.update(bench_halves(pipe, masks, args.repeats, args.device))
     result["load_average_after"] = os.getloadavg()
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    report(result, args.json)
     return result
 
 
