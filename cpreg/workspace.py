@@ -54,6 +54,7 @@ from .editors import (
     derive_mask,
     hooked_layers,
     model_fingerprint,
+    switch,
 )
 from .errors import CpregError, InvalidArgumentError
 from .export import export_pipeline
@@ -533,13 +534,21 @@ class Workspace:
                 f"but {model!r} has fingerprint {found[:23]}..."
             )
 
-    def apply(self, pipe, ref: str | Mask | Release, *, fill: Fill | str = Fill.ZERO, seed: int = 0) -> MaskEdit:
-        """Apply a mask or release to a loaded pipeline; ``restore()`` (or ``with``) undoes it."""
-        return apply_mask(pipe, self.load_mask(ref), fill=fill, seed=seed)
+    def apply(self, pipe, ref: str | Mask | Release, *, fill: Fill | str = Fill.ZERO, seed: int = 0,
+              replace: bool = False) -> MaskEdit:
+        """Apply a mask or release to a loaded pipeline, on top of its edits; ``restore()`` (or ``with``) undoes it.
+
+        The edit is labelled with the resolved ref (``nudity@prod`` -> ``nudity@3``) in
+        :func:`~cpreg.editors.active_edits`. ``replace``: restore every edit of the pipeline first
+        (:func:`~cpreg.editors.switch`, what a server does per request; see docs/editing.md).
+        """
+        entity = ref if isinstance(ref, (Mask, Release)) else self.resolve(ref)
+        edit = switch if replace else apply_mask
+        return edit(pipe, self.load_mask(entity), label=entity.ref, fill=fill, seed=seed)
 
     def load_pipeline(self, ref: str, base: str | None = None, *, fill: Fill | str = Fill.ZERO,
                       dtype: str = "float32", device: str | None = "auto", **from_pretrained_kwargs):
-        """The base model of ``ref`` with its mask applied: ``(pipe, edit)``."""
+        """The base model of ``ref`` with its mask applied (the only edit on its stack): ``(pipe, edit)``."""
         pipe = self.base_pipeline(ref, base, dtype=dtype, device=device, **from_pretrained_kwargs)
         return pipe, self.apply(pipe, ref, fill=fill)
 
