@@ -35,7 +35,7 @@ from .catalog import (
     concept_from_files,
     load_concept_file,
 )
-from .editors import CalibrationConfig, Fill, HookPoint
+from .editors import CalibrationConfig, Fill, HookPoint, NoiseMode, StatsDtype
 from .errors import CpregError, InvalidArgumentError
 from .models import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_MODELS
 from .serialize import to_jsonable
@@ -94,7 +94,7 @@ DvcStageOption = Annotated[Optional[str], typer.Option(
     help="DVC stage recorded with the registry rows (default: $DVC_STAGE, which `dvc repro` sets).")]
 HookOption = Annotated[HookPoint, typer.Option(help="Layers to score and prune.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
-DtypeOption = Annotated[str, typer.Option(help="float32, float16 or bfloat16 (statistics are always fp32).")]
+DtypeOption = Annotated[str, typer.Option(help="float32, float16 or bfloat16 (statistics: see --stats-dtype).")]
 PromptsOption = Annotated[Optional[str], typer.Option(
     help="`catalog` (CONCEPT's built-in prompt pairs) or a concept YAML file (name, kind, targets, references); "
          "default: CONCEPT's registered prompts, else the catalog.")]
@@ -255,6 +255,12 @@ def concepts_add(
 
 # -- computing ------------------------------------------------------------------------------
 
+NoiseOption = Annotated[NoiseMode, typer.Option(
+    help="Initial noise of every prompt: cpu (a seeded CPU generator per prompt) or reference (the model device's "
+         "global RNG seeded before each prompt, as the authors' code: their published masks; docs/method.md).")]
+StatsDtypeOption = Annotated[StatsDtype, typer.Option(
+    help="Accumulate and score the statistics in float32, or in float16 as the authors' code (docs/method.md).")]
+
 
 @app.command()
 def compute(
@@ -270,6 +276,8 @@ def compute(
     seed: int = 0,
     batch_size: int = 8,
     hook: HookOption = HookPoint.FFN_OUT,
+    noise: NoiseOption = NoiseMode.CPU,
+    stats_dtype: StatsDtypeOption = StatsDtype.FLOAT32,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     description: str = "",
@@ -277,7 +285,7 @@ def compute(
 ) -> None:
     """Calibrate CONCEPT on a base model, store the statistics and register a mask version."""
     config = CalibrationConfig(hook=hook, num_inference_steps=steps, tau=timesteps, guidance_scale=guidance_scale,
-                               seed=seed, batch_size=batch_size)
+                               seed=seed, batch_size=batch_size, noise=noise, stats_dtype=stats_dtype)
     with _workspace() as ws:
         spec = ws.concept_spec(concept) if target_prompts is None else concept_from_files(
             concept, ws.concept_spec(concept).kind if concept in CATALOG else "custom", target_prompts, reference_prompts)
@@ -342,6 +350,8 @@ def calibrate_command(
     seed: int = 0,
     batch_size: int = 8,
     hook: HookOption = HookPoint.FFN_OUT,
+    noise: NoiseOption = NoiseMode.CPU,
+    stats_dtype: StatsDtypeOption = StatsDtype.FLOAT32,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Also write the statistics to this .safetensors file.")] = None,
@@ -358,7 +368,7 @@ def calibrate_command(
     from .pipeline import check_output, write_output
 
     config = CalibrationConfig(hook=hook, num_inference_steps=steps, tau=timesteps, guidance_scale=guidance_scale,
-                               seed=seed, batch_size=batch_size)
+                               seed=seed, batch_size=batch_size, noise=noise, stats_dtype=stats_dtype)
     if out_path is not None:
         check_output(out_path, (".safetensors",), force=force)
     dvc_stage, git_rev = _provenance(dvc_stage)

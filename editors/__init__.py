@@ -9,7 +9,7 @@ from .fingerprint import model_fingerprint
 from .hooks import HookedLayers, HookPoint, component_module, denoiser_component, hooked_layers
 from .mask import ConceptMask, LayerMask, check_compatible, overlap, union
 from .select import derive_mask, skill_counts
-from .stats import ActivationStats, CalibrationConfig
+from .stats import ActivationStats, CalibrationConfig, NoiseMode, StatsDtype
 
 __all__ = [
     "ActivationStats",
@@ -21,6 +21,8 @@ __all__ = [
     "LayerMask",
     "MaskEdit",
     "MaskMismatchError",
+    "NoiseMode",
+    "StatsDtype",
     "apply_mask",
     "calibrate",
     "check_compatible",
