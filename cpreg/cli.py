@@ -35,7 +35,7 @@ from .catalog import (
     concept_from_files,
     load_concept_file,
 )
-from .editors.options import Fill, HookPoint
+from .editors.options import Fill, HookPoint, NoiseMode, StatsDtype
 from .errors import CpregError, InvalidArgumentError
 from .models import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_MODELS
 from .serialize import to_jsonable
@@ -114,7 +114,7 @@ def _check_device(device: str | None) -> str | None:
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", callback=_check_device)]
 ScoringDeviceOption = Annotated[Optional[str], typer.Option(
     help="Where to score: cpu, cuda, cuda:N or mps (default: the CPU).", callback=_check_device)]
-DtypeOption = Annotated[str, typer.Option(help="float32, float16 or bfloat16 (statistics are always fp32).")]
+DtypeOption = Annotated[str, typer.Option(help="float32, float16 or bfloat16 (statistics: see --stats-dtype).")]
 BaseModelOption = Annotated[Optional[str], typer.Option(
     "--model", "--base", help="Base model folder or hub id (default: the one REF was calibrated on).")]
 PromptsOption = Annotated[Optional[str], typer.Option(
@@ -283,6 +283,12 @@ def concepts_add(
 
 # -- computing ------------------------------------------------------------------------------
 
+NoiseOption = Annotated[NoiseMode, typer.Option(
+    help="Initial noise of every prompt: cpu (a seeded CPU generator per prompt) or reference (the model device's "
+         "global RNG seeded before each prompt, as the authors' code: their published masks; docs/method.md).")]
+StatsDtypeOption = Annotated[StatsDtype, typer.Option(
+    help="Accumulate and score the statistics in float32, or in float16 as the authors' code (docs/method.md).")]
+
 
 @app.command()
 def compute(
@@ -298,6 +304,8 @@ def compute(
     seed: int = 0,
     batch_size: int = 8,
     hook: HookOption = HookPoint.FFN_OUT,
+    noise: NoiseOption = NoiseMode.CPU,
+    stats_dtype: StatsDtypeOption = StatsDtype.FLOAT32,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     description: str = "",
@@ -307,7 +315,7 @@ def compute(
     from .editors import CalibrationConfig
 
     config = CalibrationConfig(hook=hook, num_inference_steps=steps, tau=timesteps, guidance_scale=guidance_scale,
-                               seed=seed, batch_size=batch_size)
+                               seed=seed, batch_size=batch_size, noise=noise, stats_dtype=stats_dtype)
     with _workspace(runs_models=True) as ws:
         spec = ws.concept_spec(concept) if target_prompts is None else concept_from_files(
             concept, ws.concept_spec(concept).kind if concept in CATALOG else "custom", target_prompts, reference_prompts)
@@ -372,6 +380,8 @@ def calibrate_command(
     seed: int = 0,
     batch_size: int = 8,
     hook: HookOption = HookPoint.FFN_OUT,
+    noise: NoiseOption = NoiseMode.CPU,
+    stats_dtype: StatsDtypeOption = StatsDtype.FLOAT32,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Also write the statistics to this .safetensors file.")] = None,
@@ -390,7 +400,7 @@ def calibrate_command(
     from .editors import CalibrationConfig
 
     config = CalibrationConfig(hook=hook, num_inference_steps=steps, tau=timesteps, guidance_scale=guidance_scale,
-                               seed=seed, batch_size=batch_size)
+                               seed=seed, batch_size=batch_size, noise=noise, stats_dtype=stats_dtype)
     if out_path is not None:
         check_output(out_path, (".safetensors",), force=force)
     dvc_stage, git_rev = _provenance(dvc_stage)

@@ -359,13 +359,14 @@ class Workspace:
         parameter = next(iter(layers.modules.values())).weight
         wanted = {
             "prompt_set_hash": prompt_set_hash(spec.targets, spec.references),
-            "config": config.to_dict(),
             "dtype": str(parameter.dtype).removeprefix("torch."),
             "device": str(parameter.device),
             "library_versions": library_versions(),
         }
         for calibration in reversed(candidates):
-            if all(getattr(calibration, key) == value for key, value in wanted.items()):
+            # Compared as configurations: a row recorded before a field existed has its default.
+            same_config = {**CalibrationConfig().to_dict(), **calibration.config} == config.to_dict()
+            if same_config and all(getattr(calibration, key) == value for key, value in wanted.items()):
                 try:
                     data = self.registry.store.get(calibration.stats_oid)
                 except ArtifactError:

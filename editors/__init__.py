@@ -20,6 +20,8 @@ _EXPORTS = {
     "switch": ".edit",
     "model_fingerprint": ".fingerprint",
     "HookPoint": ".options",
+    "NoiseMode": ".options",
+    "StatsDtype": ".options",
     "HookedLayers": ".hooks",
     "component_module": ".hooks",
     "denoiser_component": ".hooks",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpreg.editors import CalibrationConfig, HookPoint, calibrate, derive_mask, hooked_layers
+from cpreg.editors import CalibrationConfig, HookPoint, NoiseMode, calibrate, derive_mask, hooked_layers
 
 TARGETS = ["a photo of a naked man", "a dog in the style of van gogh"]
 REFERENCES = ["a photo of a man", "a photo of a dog"]
@@ -178,6 +178,8 @@ def test_text_encoder_statistics_equal_a_literal_encoding(pipe):
         (dict(batch_size=0), "batch_size"),
         (dict(seed=-1), "seed"),
         (dict(hook="ffn_middle"), "ffn_middle"),
+        (dict(noise="gpu"), "noise must be one of cpu, reference"),
+        (dict(stats_dtype="bfloat16"), "stats_dtype must be one of float32, float16"),
     ],
 )
 def test_calibration_config_validation(kwargs, match):
@@ -186,10 +188,16 @@ def test_calibration_config_validation(kwargs, match):
 
 
 def test_calibration_config_round_trips():
-    config = CalibrationConfig(hook="attn2_v", num_inference_steps=20, tau=5, guidance_scale=3.0, seed=7, batch_size=2)
+    config = CalibrationConfig(hook="attn2_v", num_inference_steps=20, tau=5, guidance_scale=3.0, seed=7, batch_size=2,
+                               noise="reference", stats_dtype="float16")
     assert config.hook is HookPoint.ATTN2_V and config.recorded_steps == 5
+    assert config.noise is NoiseMode.REFERENCE and config.stats_dtype.torch_dtype is torch.float16
     assert CalibrationConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["noise"] == "reference" and config.to_dict()["stats_dtype"] == "float16"
     assert CalibrationConfig(hook="text_mlp").recorded_steps == 1
+    # A record written before the noise and stats_dtype fields existed reads back as the defaults.
+    old = {key: value for key, value in config.to_dict().items() if key not in ("noise", "stats_dtype")}
+    assert CalibrationConfig.from_dict(old) == CalibrationConfig(**{**old, "noise": "cpu", "stats_dtype": "float32"})
 
 
 @pytest.mark.parametrize("targets, references", [([], ["a dog"]), (["a dog"], []), ([b"a dog"], ["a dog"]), (["a dog"], [None])])
