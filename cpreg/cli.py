@@ -188,7 +188,7 @@ def init(as_json: JsonOption = False) -> None:
 
 
 def _db_url() -> str:
-    from .workspace import Settings
+    from .settings import Settings
 
     settings = Settings.from_env(_options["home"], _options["db_url"])
     if settings.db_url.startswith("sqlite:///"):
@@ -233,7 +233,7 @@ def db_current(as_json: JsonOption = False) -> None:
 def concepts_list(as_json: JsonOption = False) -> None:
     """The built-in catalog and the registered custom concepts."""
     with _workspace() as ws:
-        registered = {c.name: c for c in ws.registry.list_concepts()}
+        registered = {c.name: c for c in ws.concepts()}
     rows = [{"name": s.name, "kind": s.kind, "pairs": len(s.pairs), "skill_ratio": s.skill_ratio,
              "builtin": True, "description": s.description} for s in CATALOG.values()]
     rows += [{"name": c.name, "kind": c.kind, "pairs": None, "skill_ratio": None, "builtin": False,
@@ -362,7 +362,7 @@ def _concept_source(ws, concept: str, prompts: Optional[str]) -> ConceptSpec:
 
 def _provenance(dvc_stage: Optional[str]) -> tuple[Optional[str], Optional[str]]:
     """The DVC stage (checked) and the git revision of the current directory."""
-    from .workspace import git_revision
+    from .settings import git_revision
 
     if dvc_stage is not None and len(dvc_stage) > 256:
         raise InvalidArgumentError("--dvc-stage must have at most 256 characters")
@@ -470,7 +470,7 @@ def mask_command(
 def masks_list(concept: Optional[str] = None, tag: Optional[str] = None, as_json: JsonOption = False) -> None:
     """Mask versions, newest last."""
     with _workspace() as ws:
-        masks = ws.registry.list_masks(concept, tag=tag)
+        masks = ws.masks(concept, tag=tag)
     _emit(as_json, {"masks": masks}, lambda: out.print(_table("masks", MASK_COLUMNS, _mask_rows(masks))))
 
 
@@ -478,7 +478,7 @@ def masks_list(concept: Optional[str] = None, tag: Optional[str] = None, as_json
 def masks_show(ref: str, as_json: JsonOption = False) -> None:
     """One mask version with its per-layer counts."""
     with _workspace() as ws:
-        mask = ws.registry.resolve_mask(ref)
+        mask = ws.resolve_mask(ref)
 
     def human() -> None:
         out.print(_table(mask.ref, MASK_COLUMNS, _mask_rows([mask])))
@@ -492,7 +492,7 @@ def masks_tag(ref: str, tags: list[str], remove: Annotated[bool, typer.Option(he
               as_json: JsonOption = False) -> None:
     """Add (or --remove) tags of a mask version."""
     with _workspace() as ws:
-        mask = ws.registry.tag_mask(ref, [] if remove else tags, remove=tags if remove else [])
+        mask = ws.tag(ref, [] if remove else tags, tags if remove else [])
     _emit(as_json, {"ref": mask.ref, "tags": mask.tags}, lambda: out.print(f"{mask.ref} tags: {', '.join(mask.tags) or '-'}"))
 
 
@@ -500,7 +500,7 @@ def masks_tag(ref: str, tags: list[str], remove: Annotated[bool, typer.Option(he
 def masks_alias(ref: str, alias: str, as_json: JsonOption = False) -> None:
     """Point ALIAS (e.g. ``prod``) at the mask version REF, moving it if it exists."""
     with _workspace() as ws:
-        entry = ws.registry.set_alias(ref, alias)
+        entry = ws.set_alias(ref, alias)
     _emit(as_json, {"ref": entry.ref, "alias": entry}, lambda: out.print(f"{entry.ref} -> {entry.concept}@{entry.mask_version}"))
 
 
@@ -508,7 +508,7 @@ def masks_alias(ref: str, alias: str, as_json: JsonOption = False) -> None:
 def masks_delete(ref: str, as_json: JsonOption = False) -> None:
     """Delete a mask version that no release uses (its artifact goes at the next ``gc``)."""
     with _workspace() as ws:
-        mask = ws.registry.delete_mask(ref)
+        mask = ws.delete_mask(ref)
     _emit(as_json, {"ref": mask.ref, "deleted": True}, lambda: out.print(f"deleted {mask.ref}"))
 
 
@@ -562,7 +562,7 @@ def release_command(
     with _workspace() as ws:
         result = ws.release_from_masks(name, list(zip(members, data)), note, sources=[str(path) for path in files],
                                        dvc_stage=dvc_stage, git_rev=git_rev)
-        base = ws.registry.get_base_model(result.release.base_model_fingerprint)
+        base = ws.base_model(result.release.base_model_fingerprint)
     entry = result.release
     member_files = [str(files[members.index(mask.concept)]) for mask in result.members]
     record = release_record(entry, result.members, member_files, str(union_path) if union_path else "", base)
@@ -619,7 +619,7 @@ def metrics_command(
     values, plots = evaluate_release(release)
     if eval_samples:
         with _workspace(runs_models=True) as ws:
-            if ws.registry.resolve_release(release["ref"]).union_oid != release["union_oid"]:
+            if ws.resolve_release(release["ref"]).union_oid != release["union_oid"]:
                 raise InvalidArgumentError(f"{release['ref']} in the registry is not the release of {str(record)!r}")
             report = ws.evaluate(release["ref"], classifier=classifier, samples=eval_samples, seed=eval_seed,
                                  steps=eval_steps, out_dir=eval_out)
@@ -660,7 +660,7 @@ RELEASE_COLUMNS = ["ref", "members", "masked", "hook", "notes", "made by", "crea
 def releases_list(as_json: JsonOption = False) -> None:
     """Every release version."""
     with _workspace() as ws:
-        releases = ws.registry.list_releases()
+        releases = ws.releases()
     _emit(as_json, {"releases": releases}, lambda: out.print(_table("releases", RELEASE_COLUMNS, _release_rows(releases))))
 
 
@@ -668,7 +668,7 @@ def releases_list(as_json: JsonOption = False) -> None:
 def releases_show(ref: str, as_json: JsonOption = False) -> None:
     """One release version and its members."""
     with _workspace() as ws:
-        entry = ws.registry.resolve_release(ref)
+        entry = ws.resolve_release(ref)
     _emit(as_json, {"ref": entry.ref, "release": entry}, lambda: out.print(_table(entry.ref, RELEASE_COLUMNS, _release_rows([entry]))))
 
 
@@ -676,7 +676,7 @@ def releases_show(ref: str, as_json: JsonOption = False) -> None:
 def diff(a: str, b: str, as_json: JsonOption = False) -> None:
     """Per-layer counts and IoU of two masks or releases."""
     with _workspace() as ws:
-        result = ws.registry.diff(a, b)
+        result = ws.diff(a, b)
     rows = [[name, row["a"], row["b"], row["both"], f"{row['iou']:.3f}"] for name, row in result["layers"].items()]
     rows.append(["total", result["a"], result["b"], result["both"], f"{result['iou']:.3f}"])
     _emit(as_json, {"a": a, "b": b, **result}, lambda: out.print(_table(f"{a} vs {b}", ["layer", "A", "B", "both", "IoU"], rows)))
@@ -810,7 +810,7 @@ def eval_command(
 def verify(as_json: JsonOption = False) -> None:
     """Check every stored object's hash and every row's object; exit 1 on any problem."""
     with _workspace() as ws:
-        problems = ws.registry.verify()
+        problems = ws.verify()
     _emit(as_json, {"ok": not problems, "problems": [{"object": o, "problem": p} for o, p in problems]},
           lambda: out.print("store verified: no problems") if not problems else out.print(
               _table("problems", ["object", "problem"], [list(p) for p in problems])))
@@ -822,7 +822,7 @@ def verify(as_json: JsonOption = False) -> None:
 def gc(yes: Annotated[bool, typer.Option("--yes", help="Delete (default: only list).")] = False, as_json: JsonOption = False) -> None:
     """List (or with --yes delete) stored objects that no registry row references."""
     with _workspace() as ws:
-        objects = ws.registry.gc(dry_run=not yes)
+        objects = ws.gc(dry_run=not yes)
     verb = "deleted" if yes else "would delete"
     _emit(as_json, {"deleted": yes, "objects": objects}, lambda: out.print(f"{verb} {len(objects)} unreferenced objects"))
 
@@ -831,7 +831,7 @@ def gc(yes: Annotated[bool, typer.Option("--yes", help="Delete (default: only li
 def log(limit: int = 20, as_json: JsonOption = False) -> None:
     """The registry's event log, newest first."""
     with _workspace() as ws:
-        events = ws.registry.events(limit)
+        events = ws.events(limit)
     _emit(as_json, {"events": events}, lambda: out.print(_table(
         "events", ["at", "actor", "action", "subject"], [[f"{e.at:%Y-%m-%d %H:%M:%S}", e.actor, e.action, e.subject] for e in events])))
 

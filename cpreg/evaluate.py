@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -35,6 +36,10 @@ from .editors import (
 )
 from .errors import InvalidArgumentError
 from .grid import generate_images, labelled_grid
+from .registry import Release
+
+if TYPE_CHECKING:
+    from .workspace import Workspace
 
 #: Timesteps (of 1000 training steps) at which the proxy compares noise predictions.
 PROXY_TIMESTEPS = (900, 700, 500, 300, 100)
@@ -205,3 +210,30 @@ def evaluate(
         report["grid"] = str(path)
         (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
+
+
+def evaluate_ref(ws: Workspace, ref: str, *, base: str | None = None, erased_prompts: list[str] | None = None,
+             retained_prompts: list[str] | None = None, classifier: str = "auto", clip_model: str | None = None,
+             device: str | None = "auto", **evaluate_kwargs) -> dict:
+    """Erasure measurement of a registered mask or release (:func:`evaluate`): ``Workspace.evaluate``.
+
+    Default prompts: the targets the members were calibrated on (erased) and their references
+    that are no member's target (retained).
+    ``classifier``: ``auto``, ``demo``, ``nudenet``, ``clip`` or ``none``, resolved (with ``clip_model``)
+    by :func:`cpreg.classifiers.resolve_classifier` before the model is loaded; without one the report
+    says why.
+    """
+    from .classifiers import resolve_classifier
+
+    entity = ws.registry.resolve(ref)
+    members = ws.registry.release_members(entity) if isinstance(entity, Release) else [entity]
+    specs = [ws.mask_spec(member) for member in members]
+    erased = erased_prompts or list(dict.fromkeys(prompt for spec in specs for prompt in spec.targets))
+    retained = retained_prompts or list(dict.fromkeys(  # another member's target is not "retained"
+        prompt for spec in specs for prompt in spec.references if prompt and prompt not in erased))
+    model = base or ws.registry.get_base_model(entity.base_model_fingerprint).name
+    chosen = resolve_classifier(classifier, model=model, concepts=specs, erased_prompts=erased,
+                                retained_prompts=retained, clip_model=clip_model, device=device)
+    pipe = ws.base_pipeline(entity, model, device=device)
+    return evaluate(pipe, ws.load_mask(entity), erased, retained, classifier=chosen.classifier,
+                    classifier_reason=chosen.reason, header={"ref": entity.ref, "model": model}, **evaluate_kwargs)

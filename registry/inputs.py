@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..artifacts import ObjectStore, stats_from_bytes, stats_to_bytes
-from ..editors import ActivationStats
+from .. import artifacts, editors
+from ..artifacts import ObjectStore
 from .entities import BaseModel, Calibration, Concept, PromptSet
 from .errors import ConflictError, RegistryError
 from .orm import BaseModelRow, CalibrationRow, ConceptRow, PromptSetRow, select_entities
@@ -48,6 +48,9 @@ from .validation import (
     validate_provenance,
     validate_text,
 )
+
+if TYPE_CHECKING:  # the engine imports torch: only for type hints here
+    from ..editors import ActivationStats
 
 
 def prompt_set_hash(targets: Sequence[str], references: Sequence[str]) -> str:
@@ -211,7 +214,7 @@ class InputsMixin:
             >>> cal = reg.add_calibration(stats, model, ps, dtype="float16", device="cuda",
             ...                           duration_s=812.5, library_versions={"torch": "2.5.1"})
         """
-        if not isinstance(stats, ActivationStats):
+        if not isinstance(stats, editors.ActivationStats):
             raise RegistryError(f"stats must be ActivationStats, got {type(stats).__name__}")
         dtype = validate_text(str(dtype).removeprefix("torch."), CalibrationRow.dtype)
         device = validate_text(str(device), CalibrationRow.device)
@@ -237,7 +240,7 @@ class InputsMixin:
             return model, prompts
 
         self._tx.read(check)
-        data = stats_to_bytes(stats)
+        data = artifacts.stats_to_bytes(stats)
         oid = self.store.put(data)
         config = stats.config
 
@@ -298,4 +301,4 @@ class InputsMixin:
     def load_stats(self, calibration: Calibration | int) -> ActivationStats:
         """The statistics of a calibration, read back verified from the store."""
         oid = self._tx.read(lambda s: calibration_row(s, calibration).stats_oid)
-        return stats_from_bytes(self.store.get(oid))
+        return artifacts.stats_from_bytes(self.store.get(oid))

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ..artifacts import ObjectStore, mask_from_bytes, mask_to_bytes
-from ..editors import ConceptMask
+from .. import artifacts, editors
+from ..artifacts import ObjectStore
 from .entities import Alias, Calibration, Concept, Mask
 from .errors import ConflictError, InUseError, InvalidNameError, RegistryError
 from .orm import (
@@ -52,6 +52,9 @@ from .resolution import (
 )
 from .session import Transactions, keep_object
 from .validation import validate_provenance, validate_text
+
+if TYPE_CHECKING:  # the engine imports torch: only for type hints here
+    from ..editors import ConceptMask
 
 
 class MaskMixin:
@@ -138,7 +141,7 @@ class MaskMixin:
         reuse: bool,
     ) -> tuple[Mask, bool]:
         """:meth:`get_or_add_mask` (``reuse``), else a new version whatever exists."""
-        if not isinstance(mask, ConceptMask):
+        if not isinstance(mask, editors.ConceptMask):
             raise RegistryError(f"mask must be a ConceptMask, got {type(mask).__name__}")
         tags = validate_tags(tags)
         validate_text(description, MaskRow.description)
@@ -161,7 +164,7 @@ class MaskMixin:
             return concept_, model, cal
 
         self._tx.read(check)
-        data = mask_to_bytes(mask)
+        data = artifacts.mask_to_bytes(mask)
         oid = self.store.put(data)
         params = dict(mask.params)
 
@@ -261,7 +264,7 @@ class MaskMixin:
             >>> reg.load_mask("nudity@3").num_masked
         """
         oid = ref.artifact_oid if isinstance(ref, Mask) else self.resolve_mask(ref, base_model).artifact_oid
-        return mask_from_bytes(self.store.get(oid))
+        return artifacts.mask_from_bytes(self.store.get(oid))
 
     def list_masks(
         self,

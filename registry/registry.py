@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import getpass
 import os
+from typing import TYPE_CHECKING
 
 from sqlalchemy import URL
 
+from .. import editors
 from ..artifacts import ObjectStore
-from ..editors import ConceptMask, check_compatible, overlap
 from .db import make_engine
 from .entities import Mask, Release
 from .errors import IncompatibleMasksError
@@ -54,6 +55,9 @@ from .releases import ReleaseMixin
 from .resolution import BaseModelArg, mask_or_release_row
 from .session import Transactions
 from .validation import max_length, validate_text
+
+if TYPE_CHECKING:  # the engine imports torch: only for type hints here
+    from ..editors import ConceptMask
 
 
 def _os_user() -> str:
@@ -146,10 +150,10 @@ class Registry(InputsMixin, MaskMixin, ReleaseMixin, HousekeepingMixin):
         a, b = self.resolve(ref_a, base_model), self.resolve(ref_b, base_model)
         mask_a, mask_b = self.load(a), self.load(b)
         try:
-            check_compatible([mask_a, mask_b], [a.ref, b.ref])
+            editors.check_compatible([mask_a, mask_b], [a.ref, b.ref])
         except ValueError as exc:
             raise IncompatibleMasksError(f"cannot compare: {exc}") from exc
-        return {"ref_a": a.ref, "ref_b": b.ref, **overlap(mask_a, mask_b)}
+        return {"ref_a": a.ref, "ref_b": b.ref, **editors.overlap(mask_a, mask_b)}
 
 
 __all__ = ["Registry", "prompt_set_hash"]

@@ -15,12 +15,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..artifacts import ObjectStore, mask_from_bytes, mask_to_bytes
-from ..editors import ConceptMask, union
+from .. import artifacts, editors
+from ..artifacts import ObjectStore
 from .entities import Mask, Release
 from .errors import ConflictError, IncompatibleMasksError, NotFoundError, RegistryError
 from .orm import MaskRow, ReleaseMemberRow, ReleaseRow, select_entities
@@ -37,6 +38,9 @@ from .resolution import (
 )
 from .session import Transactions, keep_object
 from .validation import validate_provenance, validate_text
+
+if TYPE_CHECKING:  # the engine imports torch: only for type hints here
+    from ..editors import ConceptMask
 
 
 class ReleaseMixin:
@@ -129,12 +133,12 @@ class ReleaseMixin:
         members = self._tx.read(lambda s: [row.to_entity() for row in check(s)])
         labels = [ref.ref if isinstance(ref, Mask) else str(ref) for ref in refs]
         unique = _compatible_members(name, members, labels)
-        stored = [mask_from_bytes(self.store.get(member.artifact_oid)) for member in unique.values()]
+        stored = [artifacts.mask_from_bytes(self.store.get(member.artifact_oid)) for member in unique.values()]
         try:
-            merged = union(stored, list(unique))
+            merged = editors.union(stored, list(unique))
         except ValueError as exc:
             raise IncompatibleMasksError(f"cannot compose {name}: {exc}") from exc
-        data = mask_to_bytes(merged)
+        data = artifacts.mask_to_bytes(merged)
         oid = self.store.put(data)
 
         def write(session: Session) -> tuple[Release, bool]:
@@ -184,7 +188,7 @@ class ReleaseMixin:
     def load_release_mask(self, release: ReleaseArg) -> ConceptMask:
         """The union mask of a release, read back verified from the store."""
         oid = release.union_oid if isinstance(release, Release) else self.resolve_release(release).union_oid
-        return mask_from_bytes(self.store.get(oid))
+        return artifacts.mask_from_bytes(self.store.get(oid))
 
     def release_members(self, release: ReleaseArg) -> list[Mask]:
         """The member masks of a release, in compose order (unambiguous across base models).

@@ -112,12 +112,12 @@ def test_calibrate_writes_the_registered_statistics(project):
 def test_calibrate_again_reuses_the_registry_without_running_the_model(project, monkeypatch):
     with registry() as reg:
         before = reg.counts()
-    import cpreg.workspace
+    import cpreg.stages
 
     def no_model_run(*args, **kwargs):
         raise AssertionError("the model ran")
 
-    monkeypatch.setattr(cpreg.workspace, "calibrate", no_model_run)
+    monkeypatch.setattr(cpreg.stages, "calibrate_statistics", no_model_run)
     again = run_json("calibrate", "nudity", "--prompts", "catalog", *FAST, "--out", "data/stats/nudity.safetensors", "--force")
     assert again["reused"] is True and again["calibration"]["id"] == 1
     assert sha("data/stats/nudity.safetensors") == again["stats_oid"]
@@ -152,9 +152,9 @@ def test_a_calibration_recorded_without_the_noise_fields_is_reused_for_the_defau
         (config,) = db.execute("SELECT config FROM calibrations WHERE id = 1").fetchone()
         old = {k: v for k, v in json.loads(config).items() if k not in ("noise", "stats_dtype")}
         db.execute("UPDATE calibrations SET config = ? WHERE id = 1", (json.dumps(old),))
-    import cpreg.workspace
+    import cpreg.stages
 
-    monkeypatch.setattr(cpreg.workspace, "calibrate", lambda *a, **k: pytest.fail("the model ran"))
+    monkeypatch.setattr(cpreg.stages, "calibrate_statistics", lambda *a, **k: pytest.fail("the model ran"))
     again = run_json("calibrate", "nudity", "--prompts", "catalog", *FAST)
     assert again["reused"] is True and again["calibration"]["id"] == 1
     monkeypatch.undo()
@@ -187,9 +187,9 @@ def test_stage_and_git_revision_are_recorded(project, monkeypatch):
 
 
 def test_mask_from_the_statistics_file_is_registered_once(project, monkeypatch):
-    import cpreg.workspace
+    import cpreg.stages
 
-    monkeypatch.setattr(cpreg.workspace, "calibrate", lambda *a, **k: pytest.fail("the model ran"))
+    monkeypatch.setattr(cpreg.stages, "calibrate_statistics", lambda *a, **k: pytest.fail("the model ran"))
     with registry() as reg:
         before = reg.counts()
         first = reg.resolve_mask("nudity@1")

@@ -38,8 +38,8 @@ LIGHT_COMMANDS = [
     ("log",),
     ("concepts", "list"),
     ("concepts", "show", "zorblat"),
-    ("diff", "nudity@1", "nudity@1"),
     ("db", "current"),
+    ("verify",),
 ]
 
 
@@ -77,7 +77,7 @@ def test_a_bug_is_an_internal_error_with_exit_3(workspace, monkeypatch):
     def broken(self, *args, **kwargs):
         return {}["missing"]  # a KeyError: a bug, not a user error
 
-    monkeypatch.setattr(cpreg.workspace.Workspace, "resolve", broken)
+    monkeypatch.setattr(cpreg.workspace.Workspace, "resolve_mask", broken)
     result = CliRunner().invoke(app, ["--home", str(workspace), "masks", "show", "nudity@1"])
     assert result.exit_code == 3
     assert result.stderr == ("internal error: KeyError: 'missing' (a bug in cpreg; run with --debug for the traceback)\n")
