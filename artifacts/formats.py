@@ -5,8 +5,9 @@
   ``weight.view(-1)``, DELTA_BINARY_PACKED) and ``steps`` (uint8), zstd-compressed, rows sorted
   by ``(layer, index)``; the header is JSON under the file key-value metadata key ``cpreg``.
 * Activation statistics (:class:`~cpreg.editors.ActivationStats`) are safetensors files with
-  fp32 tensors ``target/<layer>`` and ``reference/<layer>`` and the header as JSON under the
-  safetensors metadata key ``cpreg``.
+  tensors ``target/<layer>`` and ``reference/<layer>`` of the header's ``config.stats_dtype``
+  (fp32; fp16 when so calibrated; files without the field are fp32) and the header as JSON
+  under the safetensors metadata key ``cpreg``.
 
 Both writers are deterministic (same object -> same bytes, for a given pyarrow / safetensors
 version): no timestamps, layers in sorted order, canonical JSON. Both readers validate everything
@@ -31,7 +32,7 @@ import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-from ..editors import ActivationStats, ConceptMask, LayerMask
+from ..editors import ActivationStats, CalibrationConfig, ConceptMask, LayerMask
 from .errors import ArtifactFormatError
 
 MASK_FORMAT = "cpreg.mask/1"
@@ -269,11 +270,12 @@ def mask_from_bytes(data: BytesLike) -> ConceptMask:
 # --------------------------------------------------------------------------------------------
 
 
-def _stats_tensor(tensor: Any, key: str, in_features: int) -> torch.Tensor:
+def _stats_tensor(tensor: Any, key: str, in_features: int, dtype: torch.dtype) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
         raise ArtifactFormatError(f"statistics {key!r} is not a tensor")
-    if tensor.dtype != torch.float32:
-        raise ArtifactFormatError(f"statistics {key!r} must be float32, got {tensor.dtype}")
+    if tensor.dtype != dtype:
+        name = str(dtype).removeprefix("torch.")
+        raise ArtifactFormatError(f"statistics {key!r} must be {name} (the config's stats_dtype), got {tensor.dtype}")
     if tensor.dim() != 2 or tensor.shape[1] != in_features:
         raise ArtifactFormatError(f"statistics {key!r} must be [steps, {in_features}], got {list(tensor.shape)}")
     return tensor
@@ -288,11 +290,12 @@ def stats_to_bytes(stats: ActivationStats) -> bytes:
         raise ArtifactFormatError("the statistics header may not have a 'format' key")
     tensors: dict[str, torch.Tensor] = {}
     steps = None
+    dtype = stats.config.stats_dtype.torch_dtype
     for name in sorted(stats.layer_shapes):
         in_features = int(stats.layer_shapes[name][1])
         for kind, values in (("target", stats.target), ("reference", stats.reference)):
             key = f"{kind}/{name}"
-            tensor = _stats_tensor(values[name], key, in_features)
+            tensor = _stats_tensor(values[name], key, in_features, dtype)
             if steps is None:
                 steps = tensor.shape[0]
             elif tensor.shape[0] != steps:
@@ -321,11 +324,21 @@ def _safetensors_metadata(data: bytes) -> dict:
     return metadata
 
 
+def _header_config(header: dict) -> CalibrationConfig:
+    """The calibration configuration of a statistics header (missing fields take their defaults)."""
+    config = _require(header, "config", dict, "statistics")
+    try:
+        return CalibrationConfig.from_dict(config)
+    except (TypeError, ValueError) as exc:
+        raise ArtifactFormatError(f"invalid statistics header: {exc}") from exc
+
+
 def stats_from_bytes(data: BytesLike) -> ActivationStats:
     """Parse and validate safetensors bytes written by :func:`stats_to_bytes`."""
     data = bytes(data)
     header = _parse_header(_safetensors_metadata(data).get(METADATA_KEY), STATS_FORMAT, "statistics")
     layer_shapes = _require(header, "layer_shapes", dict, "statistics")
+    dtype = _header_config(header).stats_dtype.torch_dtype
     try:
         tensors = _st_load(data)
     except Exception as exc:  # safetensors raises its own SafetensorError (not a ValueError)
@@ -344,7 +357,7 @@ def stats_from_bytes(data: BytesLike) -> ActivationStats:
             raise ArtifactFormatError(f"statistics layer {name!r} has an invalid shape {shape!r}")
         for kind, out in (("target", target), ("reference", reference)):
             key = f"{kind}/{name}"
-            tensor = _stats_tensor(tensors[key], key, shape[1])
+            tensor = _stats_tensor(tensors[key], key, shape[1], dtype)
             if steps is None:
                 steps = tensor.shape[0]
             elif tensor.shape[0] != steps:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -61,17 +62,11 @@ def prompts(n_targets: int, n_references: int) -> tuple[list[str], list[str]]:
     return targets, references
 
 
-def build_sd15(device: str, dtype: torch.dtype, seed: int = 0):
-    """SD 1.5's architecture with random weights, from configs only (no download)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_sd15_unet():
+    """SD 1.5's UNet (859.5M parameters) with random weights from the global RNG, from its config."""
+    from diffusers import UNet2DConditionModel
 
-    from cpreg.tiny import write_tiny_tokenizer
-
-    torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer = write_tiny_tokenizer(folder)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=64,
         in_channels=4,
         out_channels=4,
@@ -82,6 +77,19 @@ def build_sd15(device: str, dtype: torch.dtype, seed: int = 0):
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     )
+
+
+def build_sd15(device: str, dtype: torch.dtype, seed: int = 0):
+    """SD 1.5's architecture with random weights, from configs only (no download)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cpreg.tiny import write_tiny_tokenizer
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = write_tiny_tokenizer(folder)
+    unet = build_sd15_unet()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
@@ -135,6 +143,26 @@ def build(model: str, device: str, dtype: torch.dtype):
             component.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def machine(device: str) -> dict:
+    """Where a benchmark runs: platform, CPUs, torch threads and version, the GPU if used."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+    }
+
+
+def report(result: dict, path: str | None) -> None:
+    """Print ``result`` as JSON on stdout and, given a ``path``, write it there too."""
+    print(json.dumps(result, indent=2))
+    if path:
+        with open(path, "w") as handle:
+            json.dump(result, handle, indent=2)
 
 
 def sync(device: str) -> None:
@@ -311,8 +339,8 @@ def bench_per_call(pipe, targets, references, args) -> dict:
     return result
 
 
-def synthetic_sd15_stats(tau: int, device: str):
-    generator = torch.Generator().manual_seed(0)
+def synthetic_sd15_stats(tau: int, device: str, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
     shapes = {f"{prefix}.transformer_blocks.0.ff.net.2": (width, 4 * width) for prefix, width in SD15_FFN}
     weights = {name: (torch.randn(shape, generator=generator) / math.sqrt(shape[1])).to(device) for name, shape in shapes.items()}
     stats = ActivationStats(
@@ -394,13 +422,7 @@ def main(argv=None) -> dict:
 
     result = {
         "args": vars(args),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        },
+        "machine": machine(args.device),
     }
     if not args.derive_only:
         log(f"building {args.model} on {args.device} ({args.dtype})")
@@ -467,11 +489,7 @@ def main(argv=None) -> dict:
             )
     if not args.skip_derive:
         result["derive"] = bench_derive(args)
-
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    report(result, args.json)
     return result
 
 

@@ -3,25 +3,30 @@
 Example:
     >>> import cpreg
     >>> pipe = cpreg.load_pipeline("safe-v1")           # base model + release, applied
-    >>> pipe.cpreg_edit.restore()                       # back to the base weights
-    >>> with cpreg.apply(pipe, "nudity@prod"):          # switch masks without reloading
+    >>> cpreg.active_edits(pipe)
+    [ActiveEdit(label='safe-v1@1', component='unet', masked=1559935, fill=<Fill.ZERO: 'zero'>)]
+    >>> cpreg.switch(pipe, "nudity@prod")               # restore all, apply another: per request
+    >>> cpreg.restore_all(pipe)                         # back to the base weights
+    >>> with cpreg.apply(pipe, "nudity@prod"):          # an edit for one block
     ...     image = pipe("a photo of a man").images[0]
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 
 __version__ = "0.1.0"
 
-__all__ = ["Workspace", "apply", "load_pipeline"]
+__all__ = ["Workspace", "active_edits", "apply", "load_pipeline", "restore_all", "switch"]
+
+# heavy imports (torch, diffusers) only when used: name -> the module that defines it
+_LAZY = {"Workspace": ".workspace", "active_edits": ".editors", "restore_all": ".editors"}
 
 
 def __getattr__(name: str):
-    if name == "Workspace":  # heavy imports (torch, diffusers) only when used
-        from .workspace import Workspace
-
-        return Workspace
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'cpreg' has no attribute {name!r}")
 
 
@@ -38,8 +43,8 @@ def load_pipeline(
 ):
     """Load the base model recorded for ``ref`` (or ``base``) with the mask or release applied.
 
-    The edit handle is ``pipe.cpreg_edit`` (``restore()`` brings back the base weights).
-    ``from_pretrained_kwargs`` go to ``DiffusionPipeline.from_pretrained``.
+    ``cpreg.restore_all(pipe)`` brings back the base weights (``pipe.cpreg_edit``, the handle of
+    this edit, also has ``restore()``). ``from_pretrained_kwargs`` go to ``DiffusionPipeline.from_pretrained``.
     """
     from .workspace import Workspace
 
@@ -52,8 +57,24 @@ def load_pipeline(
 
 
 def apply(pipe, ref: str, *, fill: str = "zero", home: str | os.PathLike | None = None, db_url: str | None = None):
-    """Apply a mask or release to a loaded pipeline; returns a handle with ``restore()`` (a context manager too)."""
+    """Apply a mask or release on top of ``pipe``'s edits; returns a handle with ``restore()`` (a context manager too).
+
+    Raises :class:`~cpreg.editors.EditStackError` if the same mask is already applied.
+    """
     from .workspace import Workspace
 
     with Workspace(home, db_url) as workspace:
         return workspace.apply(pipe, ref, fill=fill)
+
+
+def switch(pipe, ref: str, *, fill: str = "zero", home: str | os.PathLike | None = None, db_url: str | None = None):
+    """Restore every edit of ``pipe``, then apply ``ref``: what a generation server calls per request.
+
+    Returns the new edit's handle. A ref that cannot be loaded, or a mask that does not fit the
+    model, raises with the current edits still applied. Not thread-safe: hold one lock around
+    ``switch`` and the generation (docs/editing.md).
+    """
+    from .workspace import Workspace
+
+    with Workspace(home, db_url) as workspace:
+        return workspace.apply(pipe, ref, fill=fill, replace=True)

@@ -35,7 +35,7 @@ from .catalog import (
     concept_from_files,
     load_concept_file,
 )
-from .editors.options import Fill, HookPoint
+from .editors.options import Fill, HookPoint, NoiseMode, StatsDtype
 from .errors import CpregError, InvalidArgumentError
 from .models import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_MODELS
 from .serialize import to_jsonable
@@ -52,7 +52,16 @@ INTERNAL_ERROR_EXIT = 3
 
 
 class _Group(TyperGroup):
-    """Reports a command's failure: user errors in one line (exit 1), bugs as internal errors (exit 3)."""
+    """Reports a command's failure: user errors in one line (exit 1), bugs as internal errors (exit 3).
+
+    ``--debug`` is accepted anywhere before a ``--`` (``cpreg masks list --debug`` as well).
+    """
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[:end]:
+            args = ["--debug", *(arg for arg in args[:end] if arg != "--debug"), *args[end:]]
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         try:
@@ -93,8 +102,21 @@ DvcStageOption = Annotated[Optional[str], typer.Option(
     "--dvc-stage", envvar="DVC_STAGE", show_envvar=False,
     help="DVC stage recorded with the registry rows (default: $DVC_STAGE, which `dvc repro` sets).")]
 HookOption = Annotated[HookPoint, typer.Option(help="Layers to score and prune.")]
-DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
-DtypeOption = Annotated[str, typer.Option(help="float32, float16 or bfloat16 (statistics are always fp32).")]
+def _check_device(device: str | None) -> str | None:
+    """Refuse a device this machine lacks before anything runs (imports torch: model commands only)."""
+    if device is not None:
+        from .models import resolve_device
+
+        resolve_device(device)
+    return device
+
+
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", callback=_check_device)]
+ScoringDeviceOption = Annotated[Optional[str], typer.Option(
+    help="Where to score: cpu, cuda, cuda:N or mps (default: the CPU).", callback=_check_device)]
+DtypeOption = Annotated[str, typer.Option(help="float32, float16 or bfloat16 (statistics: see --stats-dtype).")]
+BaseModelOption = Annotated[Optional[str], typer.Option(
+    "--model", "--base", help="Base model folder or hub id (default: the one REF was calibrated on).")]
 PromptsOption = Annotated[Optional[str], typer.Option(
     help="`catalog` (CONCEPT's built-in prompt pairs) or a concept YAML file (name, kind, targets, references); "
          "default: CONCEPT's registered prompts, else the catalog.")]
@@ -166,7 +188,7 @@ def init(as_json: JsonOption = False) -> None:
 
 
 def _db_url() -> str:
-    from .workspace import Settings
+    from .settings import Settings
 
     settings = Settings.from_env(_options["home"], _options["db_url"])
     if settings.db_url.startswith("sqlite:///"):
@@ -211,7 +233,7 @@ def db_current(as_json: JsonOption = False) -> None:
 def concepts_list(as_json: JsonOption = False) -> None:
     """The built-in catalog and the registered custom concepts."""
     with _workspace() as ws:
-        registered = {c.name: c for c in ws.registry.list_concepts()}
+        registered = {c.name: c for c in ws.concepts()}
     rows = [{"name": s.name, "kind": s.kind, "pairs": len(s.pairs), "skill_ratio": s.skill_ratio,
              "builtin": True, "description": s.description} for s in CATALOG.values()]
     rows += [{"name": c.name, "kind": c.kind, "pairs": None, "skill_ratio": None, "builtin": False,
@@ -261,6 +283,12 @@ def concepts_add(
 
 # -- computing ------------------------------------------------------------------------------
 
+NoiseOption = Annotated[NoiseMode, typer.Option(
+    help="Initial noise of every prompt: cpu (a seeded CPU generator per prompt) or reference (the model device's "
+         "global RNG seeded before each prompt, as the authors' code: their published masks; docs/method.md).")]
+StatsDtypeOption = Annotated[StatsDtype, typer.Option(
+    help="Accumulate and score the statistics in float32, or in float16 as the authors' code (docs/method.md).")]
+
 
 @app.command()
 def compute(
@@ -276,6 +304,8 @@ def compute(
     seed: int = 0,
     batch_size: int = 8,
     hook: HookOption = HookPoint.FFN_OUT,
+    noise: NoiseOption = NoiseMode.CPU,
+    stats_dtype: StatsDtypeOption = StatsDtype.FLOAT32,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     description: str = "",
@@ -285,7 +315,7 @@ def compute(
     from .editors import CalibrationConfig
 
     config = CalibrationConfig(hook=hook, num_inference_steps=steps, tau=timesteps, guidance_scale=guidance_scale,
-                               seed=seed, batch_size=batch_size)
+                               seed=seed, batch_size=batch_size, noise=noise, stats_dtype=stats_dtype)
     with _workspace(runs_models=True) as ws:
         spec = ws.concept_spec(concept) if target_prompts is None else concept_from_files(
             concept, ws.concept_spec(concept).kind if concept in CATALOG else "custom", target_prompts, reference_prompts)
@@ -303,7 +333,7 @@ def derive(
     skill_ratio: Annotated[float, typer.Option(help="Fraction of each row's inputs in the top-k.")],
     timesteps: Annotated[Optional[int], typer.Option("--timesteps", help="tau (default: the calibrated one).")] = None,
     select_ratio: float = 0.0,
-    device: Annotated[Optional[str], typer.Option(help="Where to score (default cpu).")] = None,
+    device: ScoringDeviceOption = None,
     description: str = "",
     as_json: JsonOption = False,
 ) -> None:
@@ -332,7 +362,7 @@ def _concept_source(ws, concept: str, prompts: Optional[str]) -> ConceptSpec:
 
 def _provenance(dvc_stage: Optional[str]) -> tuple[Optional[str], Optional[str]]:
     """The DVC stage (checked) and the git revision of the current directory."""
-    from .workspace import git_revision
+    from .settings import git_revision
 
     if dvc_stage is not None and len(dvc_stage) > 256:
         raise InvalidArgumentError("--dvc-stage must have at most 256 characters")
@@ -350,6 +380,8 @@ def calibrate_command(
     seed: int = 0,
     batch_size: int = 8,
     hook: HookOption = HookPoint.FFN_OUT,
+    noise: NoiseOption = NoiseMode.CPU,
+    stats_dtype: StatsDtypeOption = StatsDtype.FLOAT32,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Also write the statistics to this .safetensors file.")] = None,
@@ -368,7 +400,7 @@ def calibrate_command(
     from .editors import CalibrationConfig
 
     config = CalibrationConfig(hook=hook, num_inference_steps=steps, tau=timesteps, guidance_scale=guidance_scale,
-                               seed=seed, batch_size=batch_size)
+                               seed=seed, batch_size=batch_size, noise=noise, stats_dtype=stats_dtype)
     if out_path is not None:
         check_output(out_path, (".safetensors",), force=force)
     dvc_stage, git_rev = _provenance(dvc_stage)
@@ -396,7 +428,7 @@ def mask_command(
     skill_ratio: Annotated[Optional[float], typer.Option(help="Default: by the concept's kind (0.01 styles, 0.02 objects).")] = None,
     timesteps: Annotated[Optional[int], typer.Option("--timesteps", help="tau (default: the calibrated one).")] = None,
     select_ratio: float = 0.0,
-    device: Annotated[Optional[str], typer.Option(help="Where to score (default cpu).")] = None,
+    device: ScoringDeviceOption = None,
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Also write the mask to this .parquet file (the registry's format).")] = None,
     force: ForceOption = False,
     description: str = "",
@@ -438,7 +470,7 @@ def mask_command(
 def masks_list(concept: Optional[str] = None, tag: Optional[str] = None, as_json: JsonOption = False) -> None:
     """Mask versions, newest last."""
     with _workspace() as ws:
-        masks = ws.registry.list_masks(concept, tag=tag)
+        masks = ws.masks(concept, tag=tag)
     _emit(as_json, {"masks": masks}, lambda: out.print(_table("masks", MASK_COLUMNS, _mask_rows(masks))))
 
 
@@ -446,7 +478,7 @@ def masks_list(concept: Optional[str] = None, tag: Optional[str] = None, as_json
 def masks_show(ref: str, as_json: JsonOption = False) -> None:
     """One mask version with its per-layer counts."""
     with _workspace() as ws:
-        mask = ws.registry.resolve_mask(ref)
+        mask = ws.resolve_mask(ref)
 
     def human() -> None:
         out.print(_table(mask.ref, MASK_COLUMNS, _mask_rows([mask])))
@@ -460,7 +492,7 @@ def masks_tag(ref: str, tags: list[str], remove: Annotated[bool, typer.Option(he
               as_json: JsonOption = False) -> None:
     """Add (or --remove) tags of a mask version."""
     with _workspace() as ws:
-        mask = ws.registry.tag_mask(ref, [] if remove else tags, remove=tags if remove else [])
+        mask = ws.tag(ref, [] if remove else tags, tags if remove else [])
     _emit(as_json, {"ref": mask.ref, "tags": mask.tags}, lambda: out.print(f"{mask.ref} tags: {', '.join(mask.tags) or '-'}"))
 
 
@@ -468,7 +500,7 @@ def masks_tag(ref: str, tags: list[str], remove: Annotated[bool, typer.Option(he
 def masks_alias(ref: str, alias: str, as_json: JsonOption = False) -> None:
     """Point ALIAS (e.g. ``prod``) at the mask version REF, moving it if it exists."""
     with _workspace() as ws:
-        entry = ws.registry.set_alias(ref, alias)
+        entry = ws.set_alias(ref, alias)
     _emit(as_json, {"ref": entry.ref, "alias": entry}, lambda: out.print(f"{entry.ref} -> {entry.concept}@{entry.mask_version}"))
 
 
@@ -476,7 +508,7 @@ def masks_alias(ref: str, alias: str, as_json: JsonOption = False) -> None:
 def masks_delete(ref: str, as_json: JsonOption = False) -> None:
     """Delete a mask version that no release uses (its artifact goes at the next ``gc``)."""
     with _workspace() as ws:
-        mask = ws.registry.delete_mask(ref)
+        mask = ws.delete_mask(ref)
     _emit(as_json, {"ref": mask.ref, "deleted": True}, lambda: out.print(f"deleted {mask.ref}"))
 
 
@@ -530,7 +562,7 @@ def release_command(
     with _workspace() as ws:
         result = ws.release_from_masks(name, list(zip(members, data)), note, sources=[str(path) for path in files],
                                        dvc_stage=dvc_stage, git_rev=git_rev)
-        base = ws.registry.get_base_model(result.release.base_model_fingerprint)
+        base = ws.base_model(result.release.base_model_fingerprint)
     entry = result.release
     member_files = [str(files[members.index(mask.concept)]) for mask in result.members]
     record = release_record(entry, result.members, member_files, str(union_path) if union_path else "", base)
@@ -592,7 +624,7 @@ def metrics_command(
     values, plots = evaluate_release(release)
     if eval_samples:
         with _workspace(runs_models=True) as ws:
-            if ws.registry.resolve_release(release["ref"]).union_oid != release["union_oid"]:
+            if ws.resolve_release(release["ref"]).union_oid != release["union_oid"]:
                 raise InvalidArgumentError(f"{release['ref']} in the registry is not the release of {str(record)!r}")
             report = ws.evaluate(release["ref"], classifier=classifier, retained_prompts=retained, samples=eval_samples,
                                  seed=eval_seed, steps=eval_steps, out_dir=eval_out)
@@ -633,7 +665,7 @@ RELEASE_COLUMNS = ["ref", "members", "masked", "hook", "notes", "made by", "crea
 def releases_list(as_json: JsonOption = False) -> None:
     """Every release version."""
     with _workspace() as ws:
-        releases = ws.registry.list_releases()
+        releases = ws.releases()
     _emit(as_json, {"releases": releases}, lambda: out.print(_table("releases", RELEASE_COLUMNS, _release_rows(releases))))
 
 
@@ -641,7 +673,7 @@ def releases_list(as_json: JsonOption = False) -> None:
 def releases_show(ref: str, as_json: JsonOption = False) -> None:
     """One release version and its members."""
     with _workspace() as ws:
-        entry = ws.registry.resolve_release(ref)
+        entry = ws.resolve_release(ref)
     _emit(as_json, {"ref": entry.ref, "release": entry}, lambda: out.print(_table(entry.ref, RELEASE_COLUMNS, _release_rows([entry]))))
 
 
@@ -649,7 +681,7 @@ def releases_show(ref: str, as_json: JsonOption = False) -> None:
 def diff(a: str, b: str, as_json: JsonOption = False) -> None:
     """Per-layer counts and IoU of two masks or releases."""
     with _workspace() as ws:
-        result = ws.registry.diff(a, b)
+        result = ws.diff(a, b)
     rows = [[name, row["a"], row["b"], row["both"], f"{row['iou']:.3f}"] for name, row in result["layers"].items()]
     rows.append(["total", result["a"], result["b"], result["both"], f"{result['iou']:.3f}"])
     _emit(as_json, {"a": a, "b": b, **result}, lambda: out.print(_table(f"{a} vs {b}", ["layer", "A", "B", "both", "IoU"], rows)))
@@ -675,7 +707,7 @@ def export(
     ref: str,
     out_dir: Path,
     fill: Annotated[Fill, typer.Option(help="zero (the paper) or noise (hides pruned positions).")] = Fill.ZERO,
-    base: Annotated[Optional[str], typer.Option(help="Base model folder or id (default: the recorded one).")] = None,
+    base: BaseModelOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Write a complete diffusers pipeline folder with REF applied, and a model card.
@@ -703,7 +735,7 @@ def generate(
     seed: int = 0,
     steps: int = 25,
     guidance_scale: float = 7.5,
-    base: Optional[str] = None,
+    base: BaseModelOption = None,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
 ) -> None:
@@ -725,7 +757,7 @@ def generate(
 @app.command("eval")
 def eval_command(
     ref: str,
-    model: Annotated[Optional[str], typer.Option(help="Base model folder or id (default: the recorded one).")] = None,
+    model: BaseModelOption = None,
     erased_prompts: Annotated[Optional[Path], typer.Option(help="Prompts of the erased concept(s), one per line (default: the concepts' targets).")] = None,
     retained_prompts: Annotated[Optional[Path], typer.Option(
         "--retain-prompts", "--retained-prompts",
@@ -847,7 +879,7 @@ def _fidelity_table(variants: dict[str, dict]) -> Table:
 def verify(as_json: JsonOption = False) -> None:
     """Check every stored object's hash and every row's object; exit 1 on any problem."""
     with _workspace() as ws:
-        problems = ws.registry.verify()
+        problems = ws.verify()
     _emit(as_json, {"ok": not problems, "problems": [{"object": o, "problem": p} for o, p in problems]},
           lambda: out.print("store verified: no problems") if not problems else out.print(
               _table("problems", ["object", "problem"], [list(p) for p in problems])))
@@ -859,7 +891,7 @@ def verify(as_json: JsonOption = False) -> None:
 def gc(yes: Annotated[bool, typer.Option("--yes", help="Delete (default: only list).")] = False, as_json: JsonOption = False) -> None:
     """List (or with --yes delete) stored objects that no registry row references."""
     with _workspace() as ws:
-        objects = ws.registry.gc(dry_run=not yes)
+        objects = ws.gc(dry_run=not yes)
     verb = "deleted" if yes else "would delete"
     _emit(as_json, {"deleted": yes, "objects": objects}, lambda: out.print(f"{verb} {len(objects)} unreferenced objects"))
 
@@ -868,7 +900,7 @@ def gc(yes: Annotated[bool, typer.Option("--yes", help="Delete (default: only li
 def log(limit: int = 20, as_json: JsonOption = False) -> None:
     """The registry's event log, newest first."""
     with _workspace() as ws:
-        events = ws.registry.events(limit)
+        events = ws.events(limit)
     _emit(as_json, {"events": events}, lambda: out.print(_table(
         "events", ["at", "actor", "action", "subject"], [[f"{e.at:%Y-%m-%d %H:%M:%S}", e.actor, e.action, e.subject] for e in events])))
 

@@ -217,7 +217,8 @@ def distributed_calibrate(
 
     _check_same_everywhere(_stats_header(stats), "every rank must load the same base model")
 
-    # One flat buffer per call: every layer's target then reference sums, in the (shared) layer order.
+    # One flat buffer per call: every layer's target then reference sums, in the (shared) layer order,
+    # summed in fp32 and handed back in the statistics' own dtype (config.stats_dtype).
     names = list(stats.layer_shapes)
     parts = [stats.target[name] for name in names] + [stats.reference[name] for name in names]
     flat = torch.cat([part.reshape(-1) for part in parts]).to(torch.float32)
@@ -228,7 +229,7 @@ def distributed_calibrate(
 
     target, reference, offset = {}, {}, 0
     for index, part in enumerate(parts):
-        value = summed[offset : offset + part.numel()].view(part.shape).clone()
+        value = summed[offset : offset + part.numel()].view(part.shape).to(part.dtype, copy=True)
         offset += part.numel()
         name = names[index % len(names)]
         (target if index < len(names) else reference)[name] = value

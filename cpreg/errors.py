@@ -2,6 +2,7 @@
 
 Each layer keeps its own family (:class:`~cpreg.registry.RegistryError`,
 :class:`~cpreg.artifacts.ArtifactError`, :class:`~cpreg.editors.MaskMismatchError`,
+:class:`~cpreg.editors.EditStackError`,
 :class:`~cpreg.models.ModelUnavailableError`), and every family derives from
 :class:`CpregError`, whose message is one line meant for a user. The command line reports a
 ``CpregError`` (and a file's ``OSError``) as a user error, exit code 1; anything else is a bug,

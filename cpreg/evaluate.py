@@ -29,6 +29,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -55,6 +56,10 @@ from .preservation import (
     summary,
     worst_drop,
 )
+from .registry import Release
+
+if TYPE_CHECKING:
+    from .workspace import Workspace
 
 #: Timesteps (of 1000 training steps) at which the proxy compares noise predictions.
 PROXY_TIMESTEPS = (900, 700, 500, 300, 100)
@@ -342,3 +347,35 @@ def evaluate(
         report["grid"] = str(path)
         (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
     return report
+
+
+def evaluate_ref(ws: Workspace, ref: str, *, base: str | None = None, erased_prompts: list[str] | None = None,
+                 retained_prompts: list[str] | None = None, classifier: str = "auto", clip_model: str | None = None,
+                 device: str | None = "auto", **evaluate_kwargs) -> dict:
+    """Erasure and preservation measurement of a registered mask or release (:func:`evaluate`): ``Workspace.evaluate``.
+
+    Default prompts: the targets the members were calibrated on (erased) and, decided by the
+    model, the retained set of :func:`cpreg.prompts.retained_set` (demo models: every base shape,
+    colour and background; others: the references, the catalog's other concepts and generic captions).
+    ``classifier``: ``auto``, ``demo``, ``nudenet``, ``clip`` or ``none``, resolved (with ``clip_model``)
+    by :func:`cpreg.classifiers.resolve_classifier` before the model is loaded; without one the report
+    says why. CLIP scores use ``clip_model`` (:func:`cpreg.classifiers.resolve_clip_scorer`).
+    """
+    from .classifiers import resolve_classifier, resolve_clip_scorer
+    from .models import DEMO_MODELS
+    from .prompts import retained_set
+
+    entity = ws.registry.resolve(ref)
+    members = ws.registry.release_members(entity) if isinstance(entity, Release) else [entity]
+    specs = [ws.mask_spec(member) for member in members]
+    erased = erased_prompts or list(dict.fromkeys(prompt for spec in specs for prompt in spec.targets))
+    model = base or ws.registry.get_base_model(entity.base_model_fingerprint).name
+    retained = retained_set(model, specs, erased, retained_prompts)
+    chosen = resolve_classifier(classifier, model=model, concepts=specs, erased_prompts=erased,
+                                person_prompts=retained.person_prompts, clip_model=clip_model, device=device)
+    scorer = resolve_clip_scorer(clip_model, device, chosen.classifier)
+    pipe = ws.base_pipeline(entity, model, device=device)
+    return evaluate(pipe, ws.load_mask(entity), erased, retained.prompts, retained_groups=retained.groups,
+                    classifier=chosen.classifier, classifier_reason=chosen.reason, clip_scorer=scorer.scorer,
+                    clip_reason=scorer.reason, colour_fidelity=model in DEMO_MODELS,
+                    header={"ref": entity.ref, "model": model}, **evaluate_kwargs)

@@ -29,3 +29,23 @@ def lazy_exports(package: str, exports: Mapping[str, str]) -> Callable[[str], ob
         return value
 
     return __getattr__
+
+
+class lazy_method:  # noqa: N801 - used like a decorator-less `def`
+    """A method defined as a function ``fn(self, ...)`` of another module, imported on first use.
+
+    The function keeps the one signature and docstring; the class that names it imports nothing
+    heavy. ``Workspace.compute = lazy_method(".compute", "compute")`` makes ``ws.compute(...)``
+    call ``cpreg.compute.compute(ws, ...)``.
+    """
+
+    def __init__(self, module: str, name: str, package: str = "cpreg") -> None:
+        self.module, self.name, self.package = module, name, package
+
+    def function(self) -> Callable:
+        """The function itself (importing its module)."""
+        return getattr(importlib.import_module(self.module, self.package), self.name)
+
+    def __get__(self, instance: object, owner: type | None = None) -> Callable:
+        function = self.function()
+        return function if instance is None else function.__get__(instance, owner)

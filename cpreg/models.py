@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,8 +58,20 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16") from None
 
 
+def available_devices() -> list[str]:
+    """The devices this machine can run on: ``cpu``, then ``cuda:N`` for each GPU, then ``mps``."""
+    import torch
+
+    devices = ["cpu", *(f"cuda:{index}" for index in range(torch.cuda.device_count()))]
+    return devices + (["mps"] if torch.backends.mps.is_available() else [])
+
+
 def resolve_device(device: str | None) -> torch.device:
-    """``auto`` / ``None`` picks CUDA, then MPS, then the CPU."""
+    """``auto`` / ``None`` picks CUDA, then MPS, then the CPU; a named device must exist here.
+
+    Raises:
+        InvalidArgumentError: an unknown device name, or one this machine does not have (naming those it has).
+    """
     import torch
 
     if device in (None, "auto"):
@@ -68,9 +81,14 @@ def resolve_device(device: str | None) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError:
         raise InvalidArgumentError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    available = available_devices()
+    name = f"cuda:{resolved.index or 0}" if resolved.type == "cuda" else resolved.type
+    if name not in available:
+        raise InvalidArgumentError(f"device {device!r} is not available on this machine; available: {', '.join(available)}")
+    return resolved
 
 
 def architecture_of(pipe) -> str:
@@ -146,8 +164,13 @@ def _from_pretrained(model: str, revision: str | None, torch_dtype: torch.dtype,
 
 def _unavailable(model: str, error: Exception) -> ModelUnavailableError:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    known = [*BUILTIN_MODELS, *DEMO_MODELS]
+    close = difflib.get_close_matches(model, known, n=1)
+    if close:
+        return ModelUnavailableError(f"model {model!r} is not available here; did you mean {close[0]!r}? "
+                                     f"(built-in models: {', '.join(known)})")
     return ModelUnavailableError(
         f"model {model!r} is not available here ({reason}); pass --model with a local diffusers folder, "
-        f"put the weights in the Hugging Face cache (huggingface-cli download {model}), "
-        f"or use a built-in model: {', '.join([*BUILTIN_MODELS, *DEMO_MODELS])}"
+        f"put the weights in the Hugging Face cache (hf download {model}), "
+        f"or use a built-in model: {', '.join(known)}"
     )

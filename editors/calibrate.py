@@ -2,8 +2,8 @@
 
 Hooks are forward *pre*-hooks on the hooked ``nn.Linear`` layers, so the recorded input is the
 tensor the layer really sees (the GEGLU output for ``ff.net.2``), never recomputed. Sums are
-accumulated on the model's device in fp32 with no host transfer per call; the loop is stopped
-right before denoiser call ``tau`` and latents are never decoded.
+accumulated on the model's device (fp32, or fp16 as the reference code) with no host transfer
+per call; the loop is stopped right before denoiser call ``tau`` and latents are never decoded.
 
 Example:
     >>> from diffusers import StableDiffusionPipeline
@@ -18,14 +18,16 @@ from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
 
 import torch
+import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from ..errors import CalibrationError, InvalidArgumentError
 from .fingerprint import model_fingerprint
-from .hooks import HookedLayers, component_module, hooked_layers
-from .stats import ActivationStats, CalibrationConfig
+from .hooks import HookedLayers, component_module, denoiser_component, hooked_layers
+from .stats import ActivationStats, CalibrationConfig, NoiseMode
 
 TARGET, REFERENCE = 0, 1
 _EPS_SQ = 1e-24  # squared-norm floor: an all-zero row contributes nothing instead of NaN
@@ -36,12 +38,13 @@ class _StopDenoising(Exception):
 
 
 class _Recorder:
-    """Per-layer fp32 sums ``[steps, 2, in_features]`` of squared, row-normalised inputs."""
+    """Per-layer sums ``[steps, 2, in_features]`` (fp32 or fp16) of squared, row-normalised inputs."""
 
-    def __init__(self, layers: HookedLayers, steps: int, device: torch.device) -> None:
+    def __init__(self, layers: HookedLayers, steps: int, device: torch.device, dtype: torch.dtype) -> None:
         self.steps = steps
+        self.dtype = dtype
         self.sums = {
-            name: torch.zeros(steps, 2, module.in_features, dtype=torch.float32, device=device)
+            name: torch.zeros(steps, 2, module.in_features, dtype=dtype, device=device)
             for name, module in layers.modules.items()
         }
         self.device = device
@@ -58,6 +61,9 @@ class _Recorder:
         rows, prompts = x.shape[0], self.row_sets.shape[0]
         if rows % prompts:
             raise CalibrationError(f"`{name}` got {rows} batch rows for {prompts} prompts")
+        if self.dtype is torch.float16:
+            self.sums[name][self.step].index_add_(0, self.row_sets, _half_prompt_sums(x, prompts))
+            return
         # Guidance batches stack [unconditional rows, conditional rows]; both belong to the prompt.
         sets = self.row_sets.repeat(rows // prompts)
         squares = x.reshape(rows, -1, x.shape[-1]).to(torch.float32).square()
@@ -76,6 +82,18 @@ class _Recorder:
             raise _StopDenoising
         self.step = self.calls
         self.calls += 1
+
+
+def _half_prompt_sums(x: torch.Tensor, prompts: int) -> torch.Tensor:
+    """fp16 sums of squares ``[prompts, in_features]`` of ``x``'s rows, normalised in fp16, per prompt.
+
+    As the reference code: every row is L2-normalised in fp16 *before* squaring (squares of raw
+    activations overflow fp16), and one sum per prompt and call covers its guidance copies and
+    tokens together, then adds to the running fp16 sum.
+    """
+    copies = x.shape[0] // prompts  # [unconditional rows, conditional rows] of the same prompts
+    rows = F.normalize(x.to(torch.float16).reshape(copies, prompts, -1, x.shape[-1]), dim=-1)
+    return rows.square().sum(dim=(0, 2))
 
 
 def _check_prompts(kind: str, prompts: Sequence[str]) -> list[str]:
@@ -127,9 +145,15 @@ def calibrate(
 ) -> ActivationStats:
     """Record ConceptPrune statistics of ``pipe`` for target (concept) and reference prompts.
 
-    Every prompt starts from the noise of ``config.seed`` (one seeded CPU generator per batch
-    row), so batching changes results only by float rounding. For ``text_mlp`` the text encoder
-    runs once per prompt and a single "step" is recorded.
+    Every prompt starts from the noise of ``config.seed`` (``config.noise``: one seeded CPU
+    generator per batch row, or the draw the reference code makes from the model device's global
+    RNG), so batching changes results only by float rounding. Sums are kept in
+    ``config.stats_dtype``. For ``text_mlp`` the text encoder runs once per prompt and a single
+    "step" is recorded.
+
+    ``noise="reference"`` re-seeds the global RNG (``torch.manual_seed``) before every batch, as
+    the reference code does before every prompt; with a stochastic scheduler (ancestral
+    samplers) only ``batch_size=1`` then follows the reference's RNG stream past the first draw.
 
     Returns:
         ActivationStats with ``config.recorded_steps`` steps per layer.
@@ -139,7 +163,7 @@ def calibrate(
     layers = hooked_layers(pipe, config.hook)
     root = component_module(pipe, layers.component)
     device = next(root.parameters()).device
-    recorder = _Recorder(layers, config.recorded_steps, device)
+    recorder = _Recorder(layers, config.recorded_steps, device, config.stats_dtype.torch_dtype)
     items = [(prompt, TARGET) for prompt in targets] + [(prompt, REFERENCE) for prompt in references]
     batches = [items[i : i + config.batch_size] for i in range(0, len(items), config.batch_size)]
     if hasattr(pipe, "set_progress_bar_config"):
@@ -179,13 +203,42 @@ def calibrate(
 
 
 def _denoise(pipe, prompts: list[str], config: CalibrationConfig, recorder: _Recorder) -> None:
-    generators = [torch.Generator("cpu").manual_seed(config.seed) for _ in prompts]
     try:
-        pipe(prompt=prompts, generator=generators, **_pipeline_kwargs(pipe, config))
+        pipe(prompt=prompts, **_initial_noise(pipe, len(prompts), config), **_pipeline_kwargs(pipe, config))
     except _StopDenoising:
         return
     if recorder.calls < recorder.steps:
         raise CalibrationError(f"the pipeline made {recorder.calls} denoiser calls, fewer than tau={recorder.steps}")
+
+
+def _initial_noise(pipe, prompts: int, config: CalibrationConfig) -> dict:
+    """The pipeline-call argument that starts each of ``prompts`` rows from ``config.seed``'s noise."""
+    if config.noise is NoiseMode.CPU:
+        return {"generator": [torch.Generator("cpu").manual_seed(config.seed) for _ in range(prompts)]}
+    return {"latents": _reference_latents(pipe, prompts, config)}
+
+
+def _reference_latents(pipe, prompts: int, config: CalibrationConfig) -> torch.Tensor:
+    """Initial latents of a batch of ``prompts`` rows, each the one the reference code gives a prompt.
+
+    The reference calls ``torch.manual_seed(seed)`` before every prompt and passes no generator,
+    so the pipeline draws ``randn_tensor(shape, generator=None, device, dtype)`` for one prompt
+    from the global RNG of its execution device (the GPU's on a GPU). This makes that same draw
+    after the same seeding and repeats it for every row; the global RNG is left as the reference's
+    pipeline call leaves it after its draw. Latents have the layout of Stable Diffusion-style
+    pipelines (SD 1.x/2.x, SDXL, SD3): ``[1, in_channels, height / f, width / f]``, ``f`` the VAE
+    scale factor, drawn in the denoiser's dtype: ``[prompts, 4, 64, 64]`` for SD 1.5 at 512x512.
+    """
+    denoiser = component_module(pipe, denoiser_component(pipe))
+    factor = pipe.vae_scale_factor
+    sample_size = denoiser.config.sample_size
+    default_height, default_width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+    height = config.height or default_height * factor
+    width = config.width or default_width * factor
+    shape = (1, denoiser.config.in_channels, height // factor, width // factor)
+    torch.manual_seed(config.seed)
+    latents = randn_tensor(shape, generator=None, device=pipe._execution_device, dtype=denoiser.dtype)
+    return latents.repeat(prompts, 1, 1, 1)
 
 
 @torch.inference_mode()

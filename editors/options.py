@@ -9,6 +9,10 @@ Example:
 from __future__ import annotations
 
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 class HookPoint(str, Enum):
@@ -42,3 +46,36 @@ class Fill(str, Enum):
 
     ZERO = "zero"
     NOISE = "noise"
+
+
+class NoiseMode(str, Enum):
+    """Where every prompt's initial noise comes from (both start every prompt from ``seed``'s noise).
+
+    - ``cpu``: one CPU generator seeded with ``seed`` per batch row: the same noise on every
+      device (the default);
+    - ``reference``: the model device's global RNG, re-seeded with ``torch.manual_seed(seed)``
+      before every batch, each row getting the draw the authors' reference code makes for one
+      prompt: on a GPU the published masks' noise (``docs/method.md``, "Reproducing the published
+      masks"). On the CPU both modes give the same noise.
+    """
+
+    CPU = "cpu"
+    REFERENCE = "reference"
+
+
+class StatsDtype(str, Enum):
+    """Dtype in which statistics are accumulated, stored and scored.
+
+    - ``float32``: the default;
+    - ``float16``: as the reference code (rows normalised, squared and summed in fp16; Wanda
+      scores and their comparison in fp16), to reproduce the published masks.
+    """
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.value)

@@ -28,20 +28,23 @@ def skill_counts(
     target_norms: torch.Tensor,
     reference_norms: torch.Tensor,
     skill_ratio: float,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Number of steps in which each weight is skilled: uint8 ``[out, in]``, on ``weight``'s device.
 
     Args:
-        weight: the layer weight ``[out, in]`` (any float dtype; scored in fp32).
+        weight: the layer weight ``[out, in]`` (any float dtype).
         target_norms / reference_norms: ``N*`` and ``N``, ``[steps, in]``; every step is counted.
         skill_ratio: fraction of each row's inputs kept by the top-k.
+        dtype: the scores' dtype: fp32, or fp16 as the reference code (products, top-k and the
+            comparison rounded to fp16).
 
     Only the ``k`` top entries of each row are compared with the reference score, and they are
     scattered into the counts: no full sort, no dense per-step mask.
     """
-    absolute = weight.detach().abs().to(torch.float32)
-    target_norms = target_norms.to(device=absolute.device, dtype=torch.float32)
-    reference_norms = reference_norms.to(device=absolute.device, dtype=torch.float32)
+    absolute = weight.detach().abs().to(dtype)
+    target_norms = target_norms.to(device=absolute.device, dtype=dtype)
+    reference_norms = reference_norms.to(device=absolute.device, dtype=dtype)
     k = math.floor(skill_ratio * absolute.shape[1])
     counts = torch.zeros(absolute.shape, dtype=torch.uint8, device=absolute.device)
     if k == 0:
@@ -92,10 +95,14 @@ def derive_mask(
         tau: number of first steps to use; default all calibrated steps.
         select_ratio: in [0, 1); 0 takes the union over the ``tau`` steps.
         device: where to score (default: the weights' device; pass ``"cuda"`` for speed).
+
+    Scores are computed in the statistics' dtype (``stats.config.stats_dtype``: fp32, or fp16 as
+    the reference code).
     """
     tau = stats.steps if tau is None else tau
     check_selection(skill_ratio, select_ratio, tau, calibrated_tau=stats.steps)
     target_norms, reference_norms = stats.target_norms(), stats.reference_norms()
+    scores_dtype = stats.config.stats_dtype.torch_dtype
     layers = {}
     for name, shape in stats.layer_shapes.items():
         if name not in weights:
@@ -105,7 +112,7 @@ def derive_mask(
             raise InvalidArgumentError(f"layer `{name}`: weight shape {tuple(weight.shape)} != calibrated {tuple(shape)}")
         if device is not None:
             weight = weight.to(device)
-        counts = skill_counts(weight, target_norms[name][:tau], reference_norms[name][:tau], skill_ratio)
+        counts = skill_counts(weight, target_norms[name][:tau], reference_norms[name][:tau], skill_ratio, scores_dtype)
         layers[name] = LayerMask.from_counts(counts, select_ratio * tau)
     return ConceptMask(
         layers=layers,

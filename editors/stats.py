@@ -2,8 +2,9 @@
 
 For a prompt set, step ``t`` and layer ``l``, the statistic is ``N[t, l, j] = sqrt(sum of x_j**2)``
 over every L2-normalised input row ``x`` of the layer (all tokens of all batch rows, the
-unconditional half of the guidance batch included). We keep the *sums of squares* (fp32): they
-add across prompt shards and processes, and ``norms()`` gives ``N``.
+unconditional half of the guidance batch included). We keep the *sums of squares* (fp32 by
+default, fp16 to reproduce the reference code's masks): they add across prompt shards and
+processes, and ``target_norms()`` / ``reference_norms()`` give ``N``.
 
 Example:
     >>> stats = calibrate(pipe, ["a naked man"], ["a man"], CalibrationConfig(tau=10))
@@ -14,11 +15,12 @@ Example:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 
 import torch
 
 from ..errors import InvalidArgumentError
-from .hooks import HookPoint
+from .options import HookPoint, NoiseMode, StatsDtype
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,14 @@ class CalibrationConfig:
         num_inference_steps: T, the denoising steps of the scheduler.
         tau: statistics are kept for steps ``t < tau``; the loop stops after step ``tau - 1``.
         guidance_scale: classifier-free guidance scale.
-        seed: every prompt starts from this seed's noise (a CPU generator per batch row).
+        seed: every prompt starts from this seed's noise.
         batch_size: prompts per denoising call.
         height / width: image size; ``None`` uses the pipeline default.
+        noise: where the seed's noise is drawn, see :class:`NoiseMode`.
+        stats_dtype: accumulation and scoring dtype, see :class:`StatsDtype`.
+
+    Example (the settings of the authors' published masks, on a GPU with the model in fp16):
+        >>> CalibrationConfig(tau=10, noise="reference", stats_dtype="float16")
     """
 
     hook: HookPoint = HookPoint.FFN_OUT
@@ -43,9 +50,13 @@ class CalibrationConfig:
     batch_size: int = 8
     height: int | None = None
     width: int | None = None
+    noise: NoiseMode = NoiseMode.CPU
+    stats_dtype: StatsDtype = StatsDtype.FLOAT32
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hook", HookPoint(self.hook))
+        object.__setattr__(self, "hook", _member(HookPoint, self.hook, "hook"))
+        object.__setattr__(self, "noise", _member(NoiseMode, self.noise, "noise"))
+        object.__setattr__(self, "stats_dtype", _member(StatsDtype, self.stats_dtype, "stats_dtype"))
         if self.num_inference_steps < 1:
             raise InvalidArgumentError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if not 1 <= self.tau <= self.num_inference_steps:
@@ -61,18 +72,29 @@ class CalibrationConfig:
         return self.tau if self.hook.uses_denoiser else 1
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "hook": self.hook.value}
+        return {**asdict(self), "hook": self.hook.value, "noise": self.noise.value, "stats_dtype": self.stats_dtype.value}
 
     @classmethod
     def from_dict(cls, data: dict) -> CalibrationConfig:
+        """The inverse of :meth:`to_dict`; fields missing from ``data`` (records written before the
+        field existed) take their defaults, so an old record reads back as ``cpu`` noise and fp32."""
         return cls(**data)
+
+
+def _member(enum: type[Enum], value, field_name: str):
+    try:
+        return enum(value)
+    except ValueError:
+        choices = ", ".join(member.value for member in enum)
+        raise InvalidArgumentError(f"{field_name} must be one of {choices}, got {value!r}") from None
 
 
 @dataclass
 class ActivationStats:
     """Per-layer sums of squares of normalised inputs, for the target and the reference prompts.
 
-    ``target[name]`` and ``reference[name]`` are fp32 tensors ``[steps, in_features]``.
+    ``target[name]`` and ``reference[name]`` are tensors ``[steps, in_features]`` of
+    ``config.stats_dtype`` (fp32 by default).
     ``header`` carries JSON-able provenance (hook point, component, configuration, fingerprint).
     """
 
@@ -130,21 +152,4 @@ class ActivationStats:
             fingerprint=header.get("fingerprint"),
             component_params=header.get("component_params", 0),
             extra=header.get("extra", {}),
-        )
-
-    def merged(self, other: ActivationStats) -> ActivationStats:
-        """Statistics of the union of both prompt sets (sums of squares add)."""
-        if self.layer_shapes != other.layer_shapes or self.config != other.config:
-            raise InvalidArgumentError("can only merge statistics of the same layers and calibration configuration")
-        return ActivationStats(
-            target={n: v + other.target[n] for n, v in self.target.items()},
-            reference={n: v + other.reference[n] for n, v in self.reference.items()},
-            config=self.config,
-            component=self.component,
-            layer_shapes=self.layer_shapes,
-            num_target_prompts=self.num_target_prompts + other.num_target_prompts,
-            num_reference_prompts=self.num_reference_prompts + other.num_reference_prompts,
-            fingerprint=self.fingerprint,
-            component_params=self.component_params,
-            extra=self.extra,
         )

@@ -33,10 +33,6 @@ MIGRATION_LOCK_KEY = 0x637072656
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 
 
-def is_sqlite(db_url: str | URL) -> bool:
-    return make_url(db_url).get_backend_name() == "sqlite"
-
-
 def _is_memory(url: URL) -> bool:
     database = url.database or ""
     return database in ("", ":memory:") or url.query.get("mode") == "memory"

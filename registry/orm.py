@@ -1,4 +1,17 @@
-"""SQLAlchemy 2.x declarative rows of the registry database (internal: callers see entities).
+"""SQLAlchemy 2.x declarative rows of the registry database, and their mapping to entities.
+
+Callers never see these rows: every row maps itself to its frozen entity with ``to_entity()``
+(:mod:`cpreg.registry.entities`), following its relationships (the concept name and base model
+fingerprint of a mask, its aliases, a release's members), which load eagerly with the row
+(``lazy="joined"`` for one row, ``lazy="selectin"`` for collections, one query per collection
+for a whole list of rows). Relationships are mappings only: they add no column or constraint.
+
+Example:
+    >>> row = session.scalars(select(MaskRow).where(MaskRow.version == 3)).first()
+    >>> row.concept.name, row.base_model.fingerprint, [alias.name for alias in row.aliases]
+    ('nudity', 'sha256:ab12...', ['prod'])
+    >>> row.to_entity().ref
+    'nudity@3'
 
 Portable types only (Integer, BigInteger, String, Text, Float, Boolean-free, DateTime with time
 zone, JSON), explicit constraint names through a naming convention, so the same schema and
@@ -22,11 +35,14 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     MetaData,
+    Select,
     String,
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from .entities import Alias, BaseModel, Calibration, Concept, Event, Mask, PromptSet, Release
 
 CONCEPT_KINDS = ("style", "nudity", "object", "gender", "memorization", "custom")
 
@@ -50,6 +66,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def as_utc(value: datetime) -> datetime:
+    """``value`` with its time zone; SQLite hands back naive datetimes (stored in UTC)."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
@@ -69,6 +90,16 @@ class BaseModelRow(Base):
     architecture: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = _created_at()
 
+    def to_entity(self) -> BaseModel:
+        return BaseModel(
+            id=self.id,
+            name=self.name,
+            fingerprint=self.fingerprint,
+            revision=self.revision,
+            architecture=self.architecture,
+            created_at=as_utc(self.created_at),
+        )
+
 
 class ConceptRow(Base):
     __tablename__ = "concepts"
@@ -84,6 +115,16 @@ class ConceptRow(Base):
     prompt_set_id: Mapped[int | None] = mapped_column(ForeignKey("prompt_sets.id"), nullable=True)
     created_at: Mapped[datetime] = _created_at()
 
+    def to_entity(self) -> Concept:
+        return Concept(
+            id=self.id,
+            name=self.name,
+            kind=self.kind,
+            description=self.description,
+            prompt_set_id=self.prompt_set_id,
+            created_at=as_utc(self.created_at),
+        )
+
 
 class PromptSetRow(Base):
     __tablename__ = "prompt_sets"
@@ -93,6 +134,15 @@ class PromptSetRow(Base):
     target_prompts: Mapped[list[Any]] = mapped_column(JSON, nullable=False)
     reference_prompts: Mapped[list[Any]] = mapped_column(JSON, nullable=False)
     created_at: Mapped[datetime] = _created_at()
+
+    def to_entity(self) -> PromptSet:
+        return PromptSet(
+            id=self.id,
+            content_hash=self.content_hash,
+            targets=tuple(self.target_prompts),
+            references=tuple(self.reference_prompts),
+            created_at=as_utc(self.created_at),
+        )
 
 
 class CalibrationRow(Base):
@@ -118,6 +168,34 @@ class CalibrationRow(Base):
     git_rev: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = _created_at()
     created_by: Mapped[str] = mapped_column(String(ACTOR_LEN), nullable=False)
+
+    base_model: Mapped[BaseModelRow] = relationship(lazy="joined", innerjoin=True)
+    prompt_set: Mapped[PromptSetRow] = relationship(lazy="joined", innerjoin=True)
+
+    def to_entity(self) -> Calibration:
+        return Calibration(
+            id=self.id,
+            base_model_id=self.base_model_id,
+            base_model_fingerprint=self.base_model.fingerprint,
+            prompt_set_id=self.prompt_set_id,
+            prompt_set_hash=self.prompt_set.content_hash,
+            seed=self.seed,
+            steps=self.steps,
+            guidance=self.guidance,
+            tau=self.tau,
+            hook=self.hook,
+            component=self.component,
+            config=dict(self.config),
+            dtype=self.dtype,
+            device=self.device,
+            library_versions=dict(self.library_versions),
+            duration_s=self.duration_s,
+            stats_oid=self.stats_oid,
+            dvc_stage=self.dvc_stage,
+            git_rev=self.git_rev,
+            created_at=as_utc(self.created_at),
+            created_by=self.created_by,
+        )
 
 
 class MaskRow(Base):
@@ -149,6 +227,41 @@ class MaskRow(Base):
     dvc_stage: Mapped[str | None] = mapped_column(String(256), nullable=True)
     git_rev: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
+    concept: Mapped[ConceptRow] = relationship(lazy="joined", innerjoin=True)
+    base_model: Mapped[BaseModelRow] = relationship(lazy="joined", innerjoin=True)
+    aliases: Mapped[list[AliasRow]] = relationship(back_populates="mask", lazy="selectin", order_by="AliasRow.name")
+
+    @property
+    def ref(self) -> str:
+        return f"{self.concept.name}@{self.version}"
+
+    def to_entity(self) -> Mask:
+        return Mask(
+            id=self.id,
+            concept=self.concept.name,
+            version=self.version,
+            base_model_id=self.base_model_id,
+            base_model_fingerprint=self.base_model.fingerprint,
+            calibration_id=self.calibration_id,
+            hook=self.hook,
+            component=self.component,
+            skill_ratio=self.skill_ratio,
+            tau=self.tau,
+            select_ratio=self.select_ratio,
+            artifact_oid=self.artifact_oid,
+            masked_total=self.masked_total,
+            masked_per_layer=dict(self.masked_per_layer),
+            component_params=self.component_params,
+            params=dict(self.params),
+            description=self.description,
+            tags=tuple(self.tags),
+            aliases=tuple(alias.name for alias in self.aliases),
+            dvc_stage=self.dvc_stage,
+            git_rev=self.git_rev,
+            created_at=as_utc(self.created_at),
+            created_by=self.created_by,
+        )
+
 
 class MaskVersionCounterRow(Base):
     """Highest version ever given per (concept, base model), so a deleted version is never reused."""
@@ -171,6 +284,21 @@ class AliasRow(Base):
     mask_id: Mapped[int] = mapped_column(ForeignKey("masks.id"), nullable=False, index=True)
     updated_at: Mapped[datetime] = _created_at()
 
+    concept: Mapped[ConceptRow] = relationship(lazy="joined", innerjoin=True)
+    base_model: Mapped[BaseModelRow] = relationship(lazy="joined", innerjoin=True)
+    mask: Mapped[MaskRow] = relationship(back_populates="aliases", lazy="joined", innerjoin=True)
+
+    def to_entity(self) -> Alias:
+        return Alias(
+            id=self.id,
+            concept=self.concept.name,
+            name=self.name,
+            base_model_fingerprint=self.base_model.fingerprint,
+            mask_id=self.mask_id,
+            mask_version=self.mask.version,
+            updated_at=as_utc(self.updated_at),
+        )
+
 
 class ReleaseRow(Base):
     __tablename__ = "releases"
@@ -192,6 +320,32 @@ class ReleaseRow(Base):
     dvc_stage: Mapped[str | None] = mapped_column(String(256), nullable=True)
     git_rev: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
+    base_model: Mapped[BaseModelRow] = relationship(lazy="joined", innerjoin=True)
+    members: Mapped[list[ReleaseMemberRow]] = relationship(lazy="selectin", order_by="ReleaseMemberRow.position")
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_entity(self) -> Release:
+        return Release(
+            id=self.id,
+            name=self.name,
+            version=self.version,
+            base_model_id=self.base_model_id,
+            base_model_fingerprint=self.base_model.fingerprint,
+            hook=self.hook,
+            union_oid=self.union_oid,
+            masked_total=self.masked_total,
+            notes=self.notes,
+            members=tuple(member.mask.ref for member in self.members),
+            member_ids=tuple(member.mask_id for member in self.members),
+            created_at=as_utc(self.created_at),
+            created_by=self.created_by,
+            dvc_stage=self.dvc_stage,
+            git_rev=self.git_rev,
+        )
+
 
 class ReleaseMemberRow(Base):
     __tablename__ = "release_members"
@@ -199,6 +353,8 @@ class ReleaseMemberRow(Base):
     release_id: Mapped[int] = mapped_column(ForeignKey("releases.id", ondelete="CASCADE"), primary_key=True)
     mask_id: Mapped[int] = mapped_column(ForeignKey("masks.id"), primary_key=True, index=True)
     position: Mapped[int] = mapped_column(Integer, nullable=False)
+
+    mask: Mapped[MaskRow] = relationship(lazy="joined", innerjoin=True)
 
 
 class EventRow(Base):
@@ -210,6 +366,19 @@ class EventRow(Base):
     action: Mapped[str] = mapped_column(String(64), nullable=False)
     subject: Mapped[str] = mapped_column(String(256), nullable=False)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+
+    def to_entity(self) -> Event:
+        return Event(self.id, as_utc(self.at), self.actor, self.action, self.subject, dict(self.details))
+
+
+def select_entities(session: Session, query: Select[Any]) -> list[Any]:
+    """The entities of the rows ``query`` selects, in its order.
+
+    Example:
+        >>> select_entities(session, select(ConceptRow).order_by(ConceptRow.name))
+        [Concept(name='nudity', ...), Concept(name='van-gogh', ...)]
+    """
+    return [row.to_entity() for row in session.scalars(query)]
 
 
 __all__ = [
@@ -225,4 +394,6 @@ __all__ = [
     "PromptSetRow",
     "ReleaseMemberRow",
     "ReleaseRow",
+    "as_utc",
+    "select_entities",
 ]

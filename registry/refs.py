@@ -86,10 +86,6 @@ class Ref:
             return f"{self.name}@{self.alias}"
         return self.name
 
-    @property
-    def is_latest(self) -> bool:
-        return self.version is None and self.alias is None
-
 
 def parse_ref(ref: object) -> Ref:
     """Parse ``NAME``, ``NAME@N``, ``NAME@latest`` or ``NAME@ALIAS``.

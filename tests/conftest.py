@@ -65,18 +65,20 @@ def snapshot_parameters():
     return all_parameters
 
 
-def literal_skill_counts(weight: torch.Tensor, target_norms: torch.Tensor, reference_norms: torch.Tensor, skill_ratio: float) -> torch.Tensor:
+def literal_skill_counts(weight: torch.Tensor, target_norms: torch.Tensor, reference_norms: torch.Tensor, skill_ratio: float,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The spec's selection, written out: a full descending argsort of every row at every step.
 
-    Returns int64 ``[out, in]``: in how many of the given steps each weight was skilled.
+    Scores are products in ``dtype`` (float32, or float16 as the reference code). Returns int64
+    ``[out, in]``: in how many of the given steps each weight was skilled.
     """
-    absolute = weight.detach().abs().to(torch.float32)
+    absolute = weight.detach().abs().to(dtype)
     out_features, in_features = absolute.shape
     k = math.floor(skill_ratio * in_features)
     counts = torch.zeros(out_features, in_features, dtype=torch.int64)
     for step in range(target_norms.shape[0]):
-        target_scores = absolute * target_norms[step].to(torch.float32)  # S*[i, j] = |W[i, j]| N*[j]
-        reference_scores = absolute * reference_norms[step].to(torch.float32)  # S[i, j] = |W[i, j]| N[j]
+        target_scores = absolute * target_norms[step].to(dtype)  # S*[i, j] = |W[i, j]| N*[j]
+        reference_scores = absolute * reference_norms[step].to(dtype)  # S[i, j] = |W[i, j]| N[j]
         for row in range(out_features):
             order = torch.argsort(target_scores[row], descending=True, stable=True)
             for column in order[:k].tolist():
@@ -86,10 +88,11 @@ def literal_skill_counts(weight: torch.Tensor, target_norms: torch.Tensor, refer
 
 
 def literal_mask(stats, weights, skill_ratio: float, tau: int, select_ratio: float = 0.0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{layer: (dense bool mask, int64 step counts)}``: mask = count > select_ratio * tau."""
+    """``{layer: (dense bool mask, int64 step counts)}``: mask = count > select_ratio * tau, scored in the statistics' dtype."""
     result = {}
     for name, target in stats.target.items():
-        counts = literal_skill_counts(weights[name], target[:tau].sqrt(), stats.reference[name][:tau].sqrt(), skill_ratio)
+        counts = literal_skill_counts(weights[name], target[:tau].sqrt(), stats.reference[name][:tau].sqrt(), skill_ratio,
+                                      stats.config.stats_dtype.torch_dtype)
         result[name] = (counts > select_ratio * tau, counts)
     return result
 
@@ -100,16 +103,19 @@ def literal_selection():
     return literal_mask
 
 
-def literal_statistics(pipe, targets, references, *, steps, tau, guidance_scale, seed, drop_unconditional=False):
-    """The spec's calibration, written out slowly: float64 sums of squares ``[tau, inner]`` per layer.
+def literal_statistics(pipe, targets, references, *, steps, tau, guidance_scale, seed, drop_unconditional=False,
+                       dtype=torch.float64):
+    """The spec's calibration, written out slowly: sums of squares ``[tau, inner]`` per layer.
 
     One pipeline call per prompt, the full loop of ``steps`` denoising steps, the global RNG
     re-seeded with ``torch.manual_seed(seed)`` before every prompt and no generator passed. A
     forward hook on the *output* of every FeedForward's ``net.0`` (GEGLU in UNets, GELU in SD3)
     records X; denoiser calls are counted as steps; rows (every token of every batch row) are
-    L2-normalised and their squares summed per column. Returns ``{"target": {...}, "reference": {...}}``
-    keyed by the ``net.2`` path the statistics belong to. ``drop_unconditional`` (only to show a
-    test can tell the difference) keeps the conditional half of the guidance batch.
+    L2-normalised and their squares summed per column, all in ``dtype`` (float64; float16 is the
+    reference code's arithmetic: X, the normalisation and the running sums in fp16). Returns
+    ``{"target": {...}, "reference": {...}}`` keyed by the ``net.2`` path the statistics belong
+    to. ``drop_unconditional`` (only to show a test can tell the difference) keeps the
+    conditional half of the guidance batch.
     """
     from diffusers.models.attention import FeedForward
 
@@ -128,13 +134,13 @@ def literal_statistics(pipe, targets, references, *, steps, tau, guidance_scale,
             step = state["calls"] - 1  # the denoiser call this activation belongs to
             if step >= tau:
                 return
-            x = output.detach().to(torch.float64)
+            x = output.detach().to(dtype)
             if drop_unconditional and guidance_scale > 1:
                 x = x[x.shape[0] // 2 :]
             rows = x.reshape(-1, x.shape[-1])
             rows = rows / rows.norm(dim=1, keepdim=True)
             table = sums[state["set"]]
-            table.setdefault(layer, torch.zeros(tau, rows.shape[1], dtype=torch.float64))
+            table.setdefault(layer, torch.zeros(tau, rows.shape[1], dtype=dtype))
             table[layer][step] += rows.square().sum(0)
 
         return hook
@@ -156,7 +162,7 @@ def literal_statistics(pipe, targets, references, *, steps, tau, guidance_scale,
 
 @pytest.fixture(scope="session")
 def literal_calibration():
-    """``literal_calibration(pipe, targets, references, *, steps, tau, guidance_scale, seed)``, see :func:`literal_statistics`."""
+    """``literal_calibration(pipe, targets, references, *, steps, tau, guidance_scale, seed, dtype)``, see :func:`literal_statistics`."""
     return literal_statistics
 
 

@@ -327,6 +327,27 @@ def test_stats_round_trip_is_exact(seed):
     assert back.layer_shapes == stats.layer_shapes
 
 
+def test_float16_stats_round_trip_and_old_files_read_as_float32():
+    fp32 = random_stats(0)
+    config = CalibrationConfig(**{**fp32.config.to_dict(), "noise": "reference", "stats_dtype": "float16"})
+    fp16 = ActivationStats(**{**vars(fp32), "config": config,
+                              "target": {n: v.half() for n, v in fp32.target.items()},
+                              "reference": {n: v.half() for n, v in fp32.reference.items()}})
+    back = stats_from_bytes(stats_to_bytes(fp16))
+    assert back.config == config and back.header() == fp16.header()
+    for name in fp16.target:
+        assert back.target[name].dtype == torch.float16 and torch.equal(back.target[name], fp16.target[name])
+        assert torch.equal(back.reference[name], fp16.reference[name])
+    with pytest.raises(ArtifactFormatError, match="float16"):  # tensors must be of the header's stats_dtype
+        stats_to_bytes(ActivationStats(**{**vars(fp32), "config": config}))
+
+    # A file written before the fields existed: no noise / stats_dtype in its config, fp32 tensors.
+    tensors, header = _good_parts()
+    header["config"] = {k: v for k, v in header["config"].items() if k not in ("noise", "stats_dtype")}
+    old = stats_from_bytes(_stats_file(tensors, header))
+    assert old.config == fp32.config and old.config.noise.value == "cpu" and old.config.stats_dtype.value == "float32"
+
+
 def test_stats_special_values_survive():
     stats = random_stats(0)
     name = "mid.ff"

@@ -294,6 +294,10 @@ BAD = [
     (("compute", "nudity", "--model", "no-such-org/no-such-model"), "not available"),
     (("compute", "nudity", *FAST, "--dtype", "float8"), "unknown dtype"),
     (("compute", "nudity", *FAST, "--device", "tpu"), "unknown device"),
+    (("compute", "nudity", *FAST, "--device", "cuda:7"), "device 'cuda:7' is not available on this machine; available: cpu"),
+    (("derive", "nudity", "--skill-ratio", "0.1", "--device", "cuda:7"), "not available on this machine"),
+    (("generate", "--release", "nudity@1", "--prompt", "p", "--out", "{p}/g.png", "--device", "cuda:7"), "available: cpu"),
+    (("compute", "nudity", "--model", "tinyy"), "did you mean 'tiny'?"),
     (("compute", "new", *FAST, "--target-prompts", "{p}/empty.txt", "--reference-prompts", "{p}/references.txt"), "no prompts"),
     (("compute", "new", *FAST, "--target-prompts", "{p}/three.txt", "--reference-prompts", "{p}/references.txt"), "pair up"),
     (("compute", "new", *FAST, "--target-prompts", "{p}/missing.txt", "--reference-prompts", "{p}/references.txt"), "cannot read"),
@@ -322,6 +326,7 @@ BAD = [
     (("export-mask", "nudity@1", "{p}/existing.npz"), "exists"),
     (("export", "nudity@1", "{p}"), "exists"),
     (("export", "nudity@1", "{p}/out", "--base", "tiny-sdxl"), "fingerprint"),
+    (("export", "nudity@1", "{p}/out", "--model", "tiny-sdxl"), "fingerprint"),
     (("generate", "--release", "nudity@1", "--prompt", "p", "--out", "{p}/grid.jpg"), ".png"),
     (("concepts", "add", "nudity", "--target-prompts", "{p}/targets.txt", "--reference-prompts", "{p}/references.txt"), "built-in"),
     (("concepts", "add", "zorb", "--target-prompts", "{p}/targets.txt", "--reference-prompts", "{p}/references.txt"), "zorb"),
@@ -367,6 +372,14 @@ def test_corrupt_artifact_is_refused_by_name(home, tmp_path):
     result = run(home, "export-mask", "nudity@1", str(tmp_path / "m.npz"), expect=1)
     assert oid in result.stderr and not (tmp_path / "m.npz").exists()
     assert run(home, "verify", "--json", expect=1).stdout.count(oid) >= 1
+
+
+def test_debug_is_accepted_after_the_subcommand(home):
+    after = run(home, "masks", "show", "nudity@9", "--debug", expect=1)
+    assert isinstance(after.exception, Exception) and "no version 9" in str(after.exception)  # raised, not one line
+    before = run(home, "--debug", "masks", "show", "nudity@9", expect=1)
+    assert type(before.exception) is type(after.exception)
+    assert run(home, "masks", "show", "nudity@9", expect=1).stderr == "error: no version 9 of concept 'nudity'\n"
 
 
 def test_unwritable_home(tmp_path):

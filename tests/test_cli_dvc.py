@@ -11,10 +11,13 @@ import csv
 import hashlib
 import json
 import shutil
+import sqlite3
 import subprocess
+from contextlib import closing
 from pathlib import Path
 
 import pytest
+import torch
 from cpreg.artifacts import (
     mask_from_bytes,
     mask_to_bytes,
@@ -109,12 +112,12 @@ def test_calibrate_writes_the_registered_statistics(project):
 def test_calibrate_again_reuses_the_registry_without_running_the_model(project, monkeypatch):
     with registry() as reg:
         before = reg.counts()
-    import cpreg.workspace
+    import cpreg.stages
 
     def no_model_run(*args, **kwargs):
         raise AssertionError("the model ran")
 
-    monkeypatch.setattr(cpreg.workspace, "calibrate", no_model_run)
+    monkeypatch.setattr(cpreg.stages, "calibrate_statistics", no_model_run)
     again = run_json("calibrate", "nudity", "--prompts", "catalog", *FAST, "--out", "data/stats/nudity.safetensors", "--force")
     assert again["reused"] is True and again["calibration"]["id"] == 1
     assert sha("data/stats/nudity.safetensors") == again["stats_oid"]
@@ -129,6 +132,35 @@ def test_calibrate_again_reuses_the_registry_without_running_the_model(project, 
     with registry() as reg:
         after = reg.counts()
     assert after["calibrations"] == before["calibrations"] + 1 and after["masks"] == before["masks"]
+
+
+def test_calibrate_records_reference_noise_and_fp16_statistics(project):
+    fp16 = run_json("calibrate", "glim", "--prompts", "concepts/glim.yaml", *FAST, "--noise", "reference",
+                    "--stats-dtype", "float16", "--out", "data/stats/glim16.safetensors")
+    assert fp16["reused"] is False
+    assert (fp16["calibration"]["config"]["noise"], fp16["calibration"]["config"]["stats_dtype"]) == ("reference", "float16")
+    stats = stats_from_bytes(Path("data/stats/glim16.safetensors").read_bytes())
+    assert stats.config.noise.value == "reference" and {t.dtype for t in stats.target.values()} == {torch.float16}
+    mask = run_json("mask", "glim", "--stats", "data/stats/glim16.safetensors", "--prompts", "concepts/glim.yaml")
+    assert mask["mask"]["calibration_id"] == fp16["calibration"]["id"] and mask["mask"]["masked_total"] > 0
+    with registry() as reg:
+        assert reg.list_calibrations()[0].config["noise"] == "cpu"  # the default is recorded too
+
+
+def test_a_calibration_recorded_without_the_noise_fields_is_reused_for_the_defaults(project, monkeypatch):
+    with closing(sqlite3.connect(".cpreg/registry.db")) as db, db:  # as written before noise and stats_dtype existed
+        (config,) = db.execute("SELECT config FROM calibrations WHERE id = 1").fetchone()
+        old = {k: v for k, v in json.loads(config).items() if k not in ("noise", "stats_dtype")}
+        db.execute("UPDATE calibrations SET config = ? WHERE id = 1", (json.dumps(old),))
+    import cpreg.stages
+
+    monkeypatch.setattr(cpreg.stages, "calibrate_statistics", lambda *a, **k: pytest.fail("the model ran"))
+    again = run_json("calibrate", "nudity", "--prompts", "catalog", *FAST)
+    assert again["reused"] is True and again["calibration"]["id"] == 1
+    monkeypatch.undo()
+    monkeypatch.chdir(project)
+    other = run_json("calibrate", "nudity", "--prompts", "catalog", *FAST, "--noise", "reference")
+    assert other["reused"] is False  # another noise mode is another calibration
 
 
 def test_stage_and_git_revision_are_recorded(project, monkeypatch):
@@ -155,9 +187,9 @@ def test_stage_and_git_revision_are_recorded(project, monkeypatch):
 
 
 def test_mask_from_the_statistics_file_is_registered_once(project, monkeypatch):
-    import cpreg.workspace
+    import cpreg.stages
 
-    monkeypatch.setattr(cpreg.workspace, "calibrate", lambda *a, **k: pytest.fail("the model ran"))
+    monkeypatch.setattr(cpreg.stages, "calibrate_statistics", lambda *a, **k: pytest.fail("the model ran"))
     with registry() as reg:
         before = reg.counts()
         first = reg.resolve_mask("nudity@1")

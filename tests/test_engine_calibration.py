@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpreg.editors import CalibrationConfig, HookPoint, calibrate, derive_mask, hooked_layers
+from cpreg.editors import CalibrationConfig, HookPoint, NoiseMode, calibrate, derive_mask, hooked_layers
 
 TARGETS = ["a photo of a naked man", "a dog in the style of van gogh"]
 REFERENCES = ["a photo of a man", "a photo of a dog"]
@@ -88,19 +88,17 @@ def test_batched_equals_unbatched_and_is_deterministic(pipe):
 
 
 def test_statistics_of_prompt_shards_add_up(pipe):
-    """Sums of squares add across prompt shards: merged shards equal one run over all prompts."""
+    """Sums of squares add across prompt shards (what the distributed all-reduce relies on):
+    the sum of two shards' statistics equals one run over all prompts."""
     config = CalibrationConfig(num_inference_steps=T, tau=2, batch_size=1)
     whole = calibrate(pipe, TARGETS, REFERENCES, config)
     first = calibrate(pipe, TARGETS[:1], REFERENCES[:1], config)
     second = calibrate(pipe, TARGETS[1:], REFERENCES[1:], config)
-    merged = first.merged(second)
-    assert (merged.num_target_prompts, merged.num_reference_prompts) == (2, 2)
     for name in whole.target:
-        torch.testing.assert_close(merged.target[name], whole.target[name], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(merged.reference[name], whole.reference[name], rtol=1e-5, atol=1e-6)
-    other = calibrate(pipe, TARGETS[:1], REFERENCES[:1], CalibrationConfig(num_inference_steps=T, tau=3, batch_size=1))
-    with pytest.raises(ValueError, match="same layers and calibration"):
-        first.merged(other)
+        torch.testing.assert_close(first.target[name] + second.target[name], whole.target[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            first.reference[name] + second.reference[name], whole.reference[name], rtol=1e-5, atol=1e-6
+        )
 
 
 def test_progress_bar_does_not_change_the_statistics(pipe):
@@ -180,6 +178,8 @@ def test_text_encoder_statistics_equal_a_literal_encoding(pipe):
         (dict(batch_size=0), "batch_size"),
         (dict(seed=-1), "seed"),
         (dict(hook="ffn_middle"), "ffn_middle"),
+        (dict(noise="gpu"), "noise must be one of cpu, reference"),
+        (dict(stats_dtype="bfloat16"), "stats_dtype must be one of float32, float16"),
     ],
 )
 def test_calibration_config_validation(kwargs, match):
@@ -188,10 +188,16 @@ def test_calibration_config_validation(kwargs, match):
 
 
 def test_calibration_config_round_trips():
-    config = CalibrationConfig(hook="attn2_v", num_inference_steps=20, tau=5, guidance_scale=3.0, seed=7, batch_size=2)
+    config = CalibrationConfig(hook="attn2_v", num_inference_steps=20, tau=5, guidance_scale=3.0, seed=7, batch_size=2,
+                               noise="reference", stats_dtype="float16")
     assert config.hook is HookPoint.ATTN2_V and config.recorded_steps == 5
+    assert config.noise is NoiseMode.REFERENCE and config.stats_dtype.torch_dtype is torch.float16
     assert CalibrationConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["noise"] == "reference" and config.to_dict()["stats_dtype"] == "float16"
     assert CalibrationConfig(hook="text_mlp").recorded_steps == 1
+    # A record written before the noise and stats_dtype fields existed reads back as the defaults.
+    old = {key: value for key, value in config.to_dict().items() if key not in ("noise", "stats_dtype")}
+    assert CalibrationConfig.from_dict(old) == CalibrationConfig(**{**old, "noise": "cpu", "stats_dtype": "float32"})
 
 
 @pytest.mark.parametrize("targets, references", [([], ["a dog"]), (["a dog"], []), ([b"a dog"], ["a dog"]), (["a dog"], [None])])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import sqlalchemy
 import torch
+from sqlalchemy import text
 
 from cpreg.editors import union
 from cpreg.registry import (
@@ -255,6 +257,141 @@ def test_reuse_existing_returns_the_same_version(reg, model, nudity):
     assert len(reg.events()) == events
     duplicate = reg.add_mask("nudity", make_mask(2), model)
     assert duplicate.version == 4 and duplicate.artifact_oid == nudity[1].artifact_oid
+
+
+# ---------------------------------------------------------------- the reuse rule
+
+
+def test_an_identical_mask_is_found_not_added(reg, model, nudity):
+    """Same concept, base model and content: (the oldest such version, False), nothing written."""
+    before = snapshot(reg)
+    found, created = reg.get_or_add_mask("nudity", make_mask(2), model, description="other words", tags=["x"])
+    assert (found, created) == (nudity[1], False)  # its own description and tags, as stored
+    assert snapshot(reg) == before  # no row, no event, no object
+    new, created = reg.get_or_add_mask("nudity", make_mask(4), model)
+    assert created and new.ref == "nudity@4" and reg.events(1)[0].subject == "mask:nudity@4"
+    assert reg.add_mask("nudity", make_mask(4), model, reuse_existing=True) == new  # the same rule
+    other = reg.ensure_base_model("tiny/sdxl", FP_B)
+    on_b, created = reg.get_or_add_mask("nudity", make_mask(2, fingerprint=FP_B), other)
+    assert created and on_b.ref == "nudity@1"  # another base model is another mask
+
+
+def test_a_release_with_the_latest_members_is_found_not_composed(reg, model, nudity):
+    first, created = reg.get_or_compose("safe", ["nudity@1", "nudity@2"], notes="first")
+    assert created and first.ref == "safe@1"
+    before = snapshot(reg)
+    again, created = reg.get_or_compose("safe", ["nudity@2", "nudity@1", "nudity@2"], notes="other notes")
+    assert (again, created) == (first, False)  # order and repeats do not matter; notes are its own
+    assert snapshot(reg) == before
+    second, created = reg.get_or_compose("safe", ["nudity@3"])
+    assert created and second.ref == "safe@2"
+    back, created = reg.get_or_compose("safe", ["nudity@1", "nudity@2"])
+    assert created and back.ref == "safe@3" and back.union_oid == first.union_oid  # only the latest counts
+    assert [e.action for e in reg.events(3)] == ["release.compose"] * 3
+    assert reg.compose("safe", ["nudity@1", "nudity@2"]).ref == "safe@4"  # compose always makes a version
+
+
+# ---------------------------------------------------------------- entities from relationships
+
+
+def _entities_from_plain_sql(reg) -> dict:
+    """What the entities must say, read from the tables with plain joins (no ORM relationships)."""
+    with reg._engine.connect() as connection:
+        def rows(sql: str) -> list:
+            return connection.execute(text(sql)).all()
+
+        aliases: dict[int, list[str]] = {}
+        for mask_id, name in rows("SELECT mask_id, name FROM aliases ORDER BY name"):
+            aliases.setdefault(mask_id, []).append(name)
+        members: dict[int, list[tuple[int, str]]] = {}
+        for release_id, mask_id, concept, version in rows(
+            "SELECT rm.release_id, m.id, c.name, m.version FROM release_members rm JOIN masks m ON m.id = rm.mask_id "
+            "JOIN concepts c ON c.id = m.concept_id ORDER BY rm.release_id, rm.position"
+        ):
+            members.setdefault(release_id, []).append((mask_id, f"{concept}@{version}"))
+        return {
+            "masks": {
+                mask_id: (concept, version, fingerprint, tuple(aliases.get(mask_id, ())))
+                for mask_id, concept, version, fingerprint in rows(
+                    "SELECT m.id, c.name, m.version, b.fingerprint FROM masks m JOIN concepts c ON c.id = m.concept_id "
+                    "JOIN base_models b ON b.id = m.base_model_id"
+                )
+            },
+            "releases": {
+                release_id: (fingerprint, tuple(ref for _, ref in members[release_id]),
+                             tuple(mask_id for mask_id, _ in members[release_id]))
+                for release_id, fingerprint in rows(
+                    "SELECT r.id, b.fingerprint FROM releases r JOIN base_models b ON b.id = r.base_model_id"
+                )
+            },
+            "aliases": {
+                alias_id: (concept, name, fingerprint, mask_id, version)
+                for alias_id, concept, name, fingerprint, mask_id, version in rows(
+                    "SELECT a.id, c.name, a.name, b.fingerprint, a.mask_id, m.version FROM aliases a "
+                    "JOIN concepts c ON c.id = a.concept_id JOIN base_models b ON b.id = a.base_model_id "
+                    "JOIN masks m ON m.id = a.mask_id"
+                )
+            },
+            "calibrations": {
+                cal_id: (fingerprint, content_hash)
+                for cal_id, fingerprint, content_hash in rows(
+                    "SELECT k.id, b.fingerprint, p.content_hash FROM calibrations k "
+                    "JOIN base_models b ON b.id = k.base_model_id JOIN prompt_sets p ON p.id = k.prompt_set_id"
+                )
+            },
+        }  # fmt: skip
+
+
+def test_entities_follow_the_relationships_of_their_rows(reg, model, nudity):
+    other = reg.ensure_base_model("tiny/sdxl", FP_B)
+    reg.add_concept("van-gogh", "style")
+    reg.add_mask("van-gogh", make_mask(20), model)
+    reg.add_mask("nudity", make_mask(40, fingerprint=FP_B), other)
+    reg.set_alias("nudity@3", "prod", base_model=FP_A)
+    reg.set_alias("nudity@3", "b-side", base_model=FP_A)
+    reg.set_alias("nudity@1", "prod", base_model=FP_B)
+    reg.set_alias("nudity@1", "prod", base_model=FP_A)  # moved: the old target loses it
+    reg.compose("safe", ["van-gogh", "nudity@3", "nudity@1"], base_model=FP_A)
+    reg.compose("solo", ["nudity"], base_model=FP_B)
+    prompts = reg.ensure_prompt_set(["a b", "c d"], ["e f", "g h"])
+    reg.add_calibration(make_stats(1), model, prompts, dtype="float32", device="cpu", duration_s=1, library_versions={})
+    expected = _entities_from_plain_sql(reg)
+    masks = {m.id: (m.concept, m.version, m.base_model_fingerprint, m.aliases) for m in reg.list_masks()}
+    assert masks == expected["masks"]
+    assert masks[nudity[0].id][3] == ("prod",) and masks[nudity[2].id][3] == ("b-side",)
+    releases = {r.id: (r.base_model_fingerprint, r.members, r.member_ids) for r in reg.list_releases()}
+    assert releases == expected["releases"]
+    assert reg.resolve_release("safe").members == ("van-gogh@1", "nudity@3", "nudity@1")
+    aliases = {a.id: (a.concept, a.name, a.base_model_fingerprint, a.mask_id, a.mask_version) for a in reg.list_aliases()}
+    assert aliases == expected["aliases"]
+    calibrations = {c.id: (c.base_model_fingerprint, c.prompt_set_hash) for c in reg.list_calibrations()}
+    assert calibrations == expected["calibrations"]
+    for mask in reg.list_masks():  # one row, one entity: the same through every path
+        assert reg.resolve_mask(mask) == reg.resolve_mask(mask.ref, base_model=mask.base_model_fingerprint) == mask
+
+
+def test_listing_costs_the_same_queries_for_any_number_of_rows(reg, model, nudity):
+    """Relationships load eagerly, per query, never once per row."""
+    selects: list[str] = []
+    sqlalchemy.event.listen(
+        reg._engine, "before_cursor_execute", lambda conn, cursor, sql, *rest: selects.append(sql)
+    )
+
+    def queries(call) -> int:
+        selects.clear()
+        call()
+        return sum(sql.lstrip().upper().startswith("SELECT") for sql in selects)
+
+    reg.set_alias("nudity@1", "prod")
+    reg.compose("safe", ["nudity@1"])
+    few = [queries(call) for call in (reg.list_masks, reg.list_releases, reg.list_aliases)]
+    reg.add_concept("van-gogh", "style")
+    for seed in range(5):
+        reg.add_mask("van-gogh", make_mask(20 + seed), model)
+        reg.set_alias(f"van-gogh@{seed + 1}", f"a{seed}")
+    reg.compose("safe", ["nudity@1", "nudity@2", "van-gogh@1", "van-gogh@2", "van-gogh@3"])
+    reg.compose("more", ["van-gogh@4", "van-gogh@5", "nudity@3"])
+    assert [queries(call) for call in (reg.list_masks, reg.list_releases, reg.list_aliases)] == few
 
 
 def test_tags_change_but_content_does_not(reg, nudity):

@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 
 from cpreg.registry import ConflictError, Registry, RegistryError
-from cpreg.registry import registry as registry_module
+from cpreg.registry import session as session_module
 
 from registry_support import FP_A, FP_B, drop_database, make_mask, make_stats, open_registry, snapshot
 
@@ -84,8 +84,8 @@ def test_a_write_the_database_refuses_is_one_registry_error_without_retries(reg,
         session.flush()
 
     with pytest.raises(RegistryError, match="refused") as info:
-        reg._write(failing)
+        reg._tx.write(failing)
     assert not isinstance(info.value, ConflictError)
     assert len(calls) == 1 and "\n" not in str(info.value)
     assert "broken" not in [concept.name for concept in reg.list_concepts()]
-    assert registry_module.WRITE_ATTEMPTS > 1
+    assert session_module.WRITE_ATTEMPTS > 1
