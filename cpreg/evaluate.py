@@ -63,6 +63,8 @@ if TYPE_CHECKING:
 
 #: Timesteps (of 1000 training steps) at which the proxy compares noise predictions.
 PROXY_TIMESTEPS = (900, 700, 500, 300, 100)
+#: Retained prompts in the grid: those whose edited images are least like the base images (lowest mean SSIM).
+GRID_RETAINED = 4
 #: Why the colour shift is not measured on other models.
 COLOUR_UNAVAILABLE = "defined for flat shapes on a plain background: measured on the demo models only"
 
@@ -265,8 +267,9 @@ def evaluate(
     ``colour_fidelity``, ``clip_score``, ``breakdown`` (per group), ``bootstrap``, ``masked_fraction``
     (masked weights over all denoiser weights), ``masked``, ``proxy``, ``control`` (``None`` unless
     requested: the same numbers for a random mask of the same size per layer), ``grid`` (PNG path or
-    ``None``), ``per_prompt`` and ``settings``. ``header`` (e.g. the ref and the model) comes first in
-    the report, and in ``out_dir/report.json``.
+    ``None``) and ``grid_prompts`` (its rows: the first 4 erased prompts and the :data:`GRID_RETAINED`
+    retained prompts whose edited images changed most, by mean SSIM), ``per_prompt`` and ``settings``.
+    ``header`` (e.g. the ref and the model) comes first in the report, and in ``out_dir/report.json``.
     """
     erased_prompts, retained_prompts = list(erased_prompts), list(retained_prompts)
     if not erased_prompts:
@@ -301,9 +304,10 @@ def evaluate(
     clip = {"clip_model": clip_scorer.name if clip_scorer is not None else None,
             "clip_reason": clip_reason or "no CLIP scorer given"}
 
+    compared = {label: _compared(images["base"], images[label], colour_fidelity) for label in masks if label != "base"}
+
     def variant(label: str) -> dict:
-        measurements = {**base, **{f"{name}_after": values for name, values in measured[label].items()},
-                        **_compared(images["base"], images[label], colour_fidelity)}
+        measurements = {**base, **{f"{name}_after": values for name, values in measured[label].items()}, **compared[label]}
         return _variant(measurements, prompt_sets, interval=samples > 1, **clip)
 
     accuracy = measured["base"].get("accuracy", {})
@@ -321,6 +325,7 @@ def evaluate(
         "control": None,
         "bootstrap": _bootstrap_settings(samples),
         "grid": None,
+        "grid_prompts": None,
         "per_prompt": None,
         "settings": {**run, "fill": str(fill), "erased_prompts": erased_prompts, "retained_prompts": retained_prompts,
                      "retained_groups": prompt_sets.groups},
@@ -341,10 +346,11 @@ def evaluate(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        shown = erased_prompts[:4] + retained_prompts[:4]
+        ssim = compared["edited"]["ssim"]
+        shown = erased_prompts[:4] + sorted(retained_prompts, key=lambda prompt: float(ssim[prompt].mean()))[:GRID_RETAINED]
         path = out / "grid.png"
         labelled_grid(images, shown, min(samples, 4)).save(path)
-        report["grid"] = str(path)
+        report["grid"], report["grid_prompts"] = str(path), shown
         (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
     return report
 

@@ -117,11 +117,15 @@ def test_preservation_report_is_consistent(tiny_pipeline, tmp_path):
     assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))  # no NaN or inf
 
 
-def test_one_seed_gives_no_interval_and_stray_groups_are_refused(tiny_pipeline):
+def test_one_seed_gives_no_interval_and_stray_groups_are_refused(tiny_pipeline, tmp_path):
     pipe = tiny_pipeline()
-    report = evaluate(pipe, _mask(pipe), ["a red circle"], ["a blue square"], classifier=_Always(True), samples=1, steps=2)
+    retained = ["a blue square", "a cat", "a dog", "a house", "a tree"]
+    report = evaluate(pipe, _mask(pipe), ["a red circle"], retained, retained_groups={prompt: [prompt] for prompt in retained},
+                      classifier=_Always(True), samples=1, steps=2, out_dir=tmp_path)
     assert report["erased_accuracy_after_ci95"] is None and report["retained_drop_worst_ci95"] is None
-    assert report["retained_drop_worst"] == 0.0 and report["retained_drop_worst_group"] == "retained"
+    assert report["retained_drop_worst"] == 0.0 and report["retained_drop_worst_group"] == retained[0]
+    changed_most = sorted(retained, key=lambda prompt: report["breakdown"][prompt]["ssim"])[:4]
+    assert report["grid_prompts"] == ["a red circle", *changed_most] and len(set(changed_most)) == 4
     assert "one seed" in report["bootstrap"]["reason"]
     assert report["colour_fidelity"]["available"] is False and report["attribute_accuracy"] is None
     with pytest.raises(InvalidArgumentError, match="'a cat' is not a retained prompt"):
