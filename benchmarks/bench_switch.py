@@ -29,7 +29,8 @@ import time
 from types import SimpleNamespace
 
 import torch
-from bench_calibration import SD15_FFN, build_sd15_unet, log, machine, report, synthetic_sd15_stats, timer
+from bench_calibration import log
+from benchmarking_utils import SD15_FFN, SD15_FFN_SHAPES, build_sd15_unet, machine, report, synthetic_layers, timer
 from torch import nn
 
 from cpreg.editors import ConceptMask, apply_mask, derive_mask, restore_all, switch
@@ -64,7 +65,7 @@ def derive_masks(pipe, device: str) -> list[ConceptMask]:
     The 16 layers get bench_calibration's synthetic Gaussian weights (std 1/sqrt(in_features));
     ``derive_mask`` then runs on two sets of synthetic statistics.
     """
-    runs = [synthetic_sd15_stats(TAU, device, seed=seed) for seed in (0, 1)]
+    runs = [synthetic_layers(SD15_FFN_SHAPES, TAU, device, seed=seed) for seed in (0, 1)]
     weights = {name: pipe.unet.get_submodule(name).weight for name in runs[0][1]}
     with torch.no_grad():
         for name, weight in runs[0][1].items():
