@@ -43,10 +43,10 @@ class _Recorder:
 
     dtype = torch.float32
 
-    def __init__(self, layers: HookedLayers, steps: int, device: torch.device) -> None:
-        self.steps = steps
+    def __init__(self, layers: HookedLayers, recorded_steps: int, device: torch.device) -> None:
+        self.recorded_steps = recorded_steps
         self.totals = {
-            name: torch.zeros(steps, 2, module.in_features, dtype=self.dtype, device=device)
+            name: torch.zeros(recorded_steps, 2, module.in_features, dtype=self.dtype, device=device)
             for name, module in layers.modules.items()
         }
         self.device = device
@@ -87,7 +87,7 @@ class _Recorder:
         return hook
 
     def denoiser_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.calls == self.steps:
+        if self.calls == self.recorded_steps:
             raise _StopDenoising
         self.step = self.calls
         self.calls += 1
@@ -230,8 +230,8 @@ def _denoise(pipe, prompts: list[str], config: CalibrationConfig, recorder: _Rec
         pipe(prompt=prompts, **_initial_noise(pipe, len(prompts), config), **_pipeline_kwargs(pipe, config))
     except _StopDenoising:
         return
-    if recorder.calls < recorder.steps:
-        raise CalibrationError(f"the pipeline made {recorder.calls} denoiser calls, fewer than tau={recorder.steps}")
+    if recorder.calls < recorder.recorded_steps:
+        raise CalibrationError(f"the pipeline made {recorder.calls} denoiser calls, fewer than tau={recorder.recorded_steps}")
 
 
 def _initial_noise(pipe, prompts: int, config: CalibrationConfig) -> dict:

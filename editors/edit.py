@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import torch
 from torch import nn
@@ -178,15 +179,16 @@ def apply_mask(
     return _push(pipe, mask, check_mask_matches(pipe, mask), label, fill, noise_scale, seed)
 
 
-def switch(
-    pipe,
-    mask: ConceptMask,
-    *,
-    label: str | None = None,
-    fill: Fill | str = Fill.ZERO,
-    noise_scale: float = 0.1,
-    seed: int = 0,
-) -> MaskEdit:
+class EditOptions(TypedDict, total=False):
+    """Keyword arguments of :func:`apply_mask` that :func:`switch` passes on."""
+
+    label: str | None
+    fill: Fill | str
+    noise_scale: float
+    seed: int
+
+
+def switch(pipe, mask: ConceptMask, **options: Unpack[EditOptions]) -> MaskEdit:
     """Restore every edit of ``pipe``, then apply ``mask``: what a generation server does per request.
 
     ``mask`` is checked against the model first, so one that does not fit raises
@@ -198,10 +200,10 @@ def switch(
         ...     switch(pipe, masks[request.ref], label=request.ref)
         ...     image = pipe(request.prompt).images[0]
     """
-    fill = Fill(fill)
-    weights = check_mask_matches(pipe, mask)
+    Fill(options.get("fill", Fill.ZERO))  # refuse a bad fill, and a mask that does not fit, before restoring
+    check_mask_matches(pipe, mask)
     restore_all(pipe)
-    return _push(pipe, mask, weights, label, fill, noise_scale, seed)
+    return apply_mask(pipe, mask, **options)
 
 
 def active_edits(pipe) -> list[ActiveEdit]:

@@ -67,7 +67,7 @@ def _masks(pipe) -> dict[str, ConceptMask]:
         "text": _mask(pipe, text, text_small),
         "text-wide": _mask(pipe, text, {name: torch.cat([text_small[name], text_more[name]]) for name in text_small}),
     }
-    copy_layers = {name: LayerMask(layer.shape, layer.indices, layer.steps + 1) for name, layer in masks["release"].layers.items()}
+    copy_layers = {name: LayerMask(layer.shape, layer.indices, layer.skill_counts + 1) for name, layer in masks["release"].layers.items()}
     masks["release-copy"] = ConceptMask(copy_layers, unet.value, "unet", None, 10_000, {})
     return masks
 
