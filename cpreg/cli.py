@@ -584,15 +584,19 @@ def metrics_command(
     eval_seed: Annotated[int, typer.Option(help="Seed of the erasure measurement.")] = 0,
     eval_steps: Annotated[int, typer.Option(help="Denoising steps of the erasure measurement.")] = 25,
     eval_out: Annotated[Optional[Path], typer.Option(help="Folder for the erasure grid.png and report.json.")] = None,
+    eval_retain_prompts: Annotated[Optional[Path], typer.Option(
+        help="Retained prompts of the erasure measurement, one per line (default: as `cpreg eval`).")] = None,
     classifier: Annotated[str, typer.Option(help="Classifier of the erasure measurement (see `cpreg eval`).")] = "auto",
     force: ForceOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Masked fraction per member and in total, per-layer density and (optionally) erasure of a release record.
 
-    With ``--eval-samples N`` the metrics also hold ``erasure``: the accuracies before / after and the
-    classifier-free proxy of ``cpreg eval`` on the members' prompts (base vs. edited, same seeds).
+    With ``--eval-samples N`` the metrics also hold ``erasure``: the accuracies before / after, the
+    headline pair with its intervals, the retained prompts' fidelity and the classifier-free proxy of
+    ``cpreg eval`` (base vs. edited, same seeds).
     """
+    from .catalog import read_prompt_file
     from .dvc_files import (
         canonical_json,
         check_output,
@@ -615,14 +619,15 @@ def metrics_command(
             raise InvalidArgumentError(f"--plots-dir {str(plots_dir)!r} is not a folder")
         if plots_dir.is_dir() and any(plots_dir.iterdir()) and not force:
             raise InvalidArgumentError(f"{str(plots_dir)!r} is not empty; pass --force to replace its CSV files")
+    retained = read_prompt_file(eval_retain_prompts) if eval_retain_prompts else None
     release = read_release_record(record)
     values, plots = evaluate_release(release)
     if eval_samples:
         with _workspace(runs_models=True) as ws:
             if ws.resolve_release(release["ref"]).union_oid != release["union_oid"]:
                 raise InvalidArgumentError(f"{release['ref']} in the registry is not the release of {str(record)!r}")
-            report = ws.evaluate(release["ref"], classifier=classifier, samples=eval_samples, seed=eval_seed,
-                                 steps=eval_steps, out_dir=eval_out)
+            report = ws.evaluate(release["ref"], classifier=classifier, retained_prompts=retained, samples=eval_samples,
+                                 seed=eval_seed, steps=eval_steps, out_dir=eval_out)
         values["erasure"] = erasure_metrics(report)
     if metrics is not None:
         write_output(metrics, canonical_json(values))
@@ -754,7 +759,10 @@ def eval_command(
     ref: str,
     model: BaseModelOption = None,
     erased_prompts: Annotated[Optional[Path], typer.Option(help="Prompts of the erased concept(s), one per line (default: the concepts' targets).")] = None,
-    retained_prompts: Annotated[Optional[Path], typer.Option(help="Prompts of other concepts (default: the concepts' references).")] = None,
+    retained_prompts: Annotated[Optional[Path], typer.Option(
+        "--retain-prompts", "--retained-prompts",
+        help="Prompts that must keep working, one per line (default, by model: demo: every shape x colour x background; "
+             "others: the references, the catalog's other concepts and cpreg's generic captions).")] = None,
     samples: Annotated[int, typer.Option(help="Images per prompt, before and after.")] = 8,
     seed: int = 0,
     steps: int = 25,
@@ -784,23 +792,84 @@ def eval_command(
         )
 
     def human() -> None:
-        def pct(value):
-            return "n/a" if value is None else f"{value:.0%}"
-
-        rows = [["erased concept(s)", pct(report["erased_accuracy_before"]), pct(report["erased_accuracy_after"])],
-                ["retained concepts", pct(report["retained_accuracy_before"]), pct(report["retained_accuracy_after"])]]
+        rows = [["erased concept(s)", _pct(report["erased_accuracy_before"]), _pct(report["erased_accuracy_after"])],
+                ["retained concepts", _pct(report["retained_accuracy_before"]), _pct(report["retained_accuracy_after"])]]
         if report["control"]:
             control = report["control"]
-            rows += [["erased, random mask (control)", pct(report["erased_accuracy_before"]), pct(control.get("erased_accuracy_after"))],
-                     ["retained, random mask (control)", pct(report["retained_accuracy_before"]), pct(control.get("retained_accuracy_after"))]]
+            rows += [["erased, random mask (control)", _pct(report["erased_accuracy_before"]), _pct(control.get("erased_accuracy_after"))],
+                     ["retained, random mask (control)", _pct(report["retained_accuracy_before"]), _pct(control.get("retained_accuracy_after"))]]
         out.print(_table(f"{report['ref']} on {report['model']} ({report['masked_fraction']:.4%} of the denoiser pruned)",
                          ["prompts", "accuracy before", "accuracy after"], rows))
         if not (report["classifier"] or {}).get("available", True):
             out.print(f"accuracies not measured: {report['classifier']['reason']}")
+        variants = {"mask": report, **({"control": report["control"]} if report["control"] else {})}
+        for name, variant in variants.items():
+            out.print(_headline(name, variant), soft_wrap=True, markup=False, highlight=False)
+        if "reason" in report["bootstrap"]:
+            out.print(f"no intervals: {report['bootstrap']['reason']}", markup=False)
+        out.print(_fidelity_table(variants))
+        for key in ("colour_fidelity", "clip_score"):
+            if not report[key]["available"]:
+                out.print(f"{key.replace('_', ' ')} not measured: {report[key]['reason']}", soft_wrap=True, markup=False)
+        worst = sorted(report["breakdown"].items(), key=lambda item: -(item[1]["drop"] or 0.0))[:BREAKDOWN_ROWS]
+        if worst and worst[0][1]["drop"] is not None:
+            out.print(_table(f"retained groups with the largest accuracy drop (of {len(report['breakdown'])})",
+                             ["group", "prompts", "accuracy before", "accuracy after", "drop (points)"],
+                             [[group, row["prompts"], _pct(row["accuracy_before"]), _pct(row["accuracy_after"]),
+                               _points(row["drop"])] for group, row in worst]))
         if report["grid"]:
             out.print(f"grid: {report['grid']}")
 
     _emit(as_json, report, human)
+
+
+#: Groups shown by `cpreg eval`'s human output (the report has all of them).
+BREAKDOWN_ROWS = 5
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def _number(value: float | None, spec: str = ".3g") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _points(value: float | None) -> str:
+    return _number(value, ".1f")
+
+
+def _interval(ci: list[float] | None, render) -> str:
+    return "" if ci is None else f" (95% CI {render(ci[0])} to {render(ci[1])})"
+
+
+def _headline(name: str, variant: dict) -> str:
+    """One line: the erased accuracy after and the worst retained drop, with their intervals."""
+    worst = variant["retained_drop_worst"]
+    group = f" in {variant['retained_drop_worst_group']}" if worst is not None else ""
+    return (f"{name}: erased accuracy after {_pct(variant['erased_accuracy_after'])}"
+            f"{_interval(variant['erased_accuracy_after_ci95'], _pct)}; worst retained drop {_points(worst)} points{group}"
+            f"{_interval(variant['retained_drop_worst_ci95'], _points)}")
+
+
+def _fidelity_table(variants: dict[str, dict]) -> Table:
+    """SSIM, PSNR and, where measured, the colour shift and CLIP scores of each edit, on erased and retained prompts."""
+    first = next(iter(variants.values()))
+    colour, clip = first["colour_fidelity"]["available"], first["clip_score"]["available"]
+    columns = ["edit", "prompts", "SSIM", "PSNR dB"] + (["hue (deg)", "chroma"] if colour else []) + (["CLIP score"] if clip else [])
+    rows = []
+    for name, variant in variants.items():
+        for prompts in ("erased", "retained"):
+            fidelity = variant["fidelity"][prompts]
+            row = [name, prompts, _number(fidelity["ssim"]), _number(fidelity["psnr"])]
+            if colour:
+                shift = variant["colour_fidelity"][prompts]
+                row += [_points(shift["hue_shift_deg"]), _number(shift["chroma_shift"])]
+            if clip:
+                scores = variant["clip_score"]
+                row.append(f"{_points(scores[f'{prompts}_before'])} -> {_points(scores[f'{prompts}_after'])}")
+            rows.append(row)
+    return _table("fidelity to the base image of the same seed", columns, rows)
 
 
 # -- integrity ------------------------------------------------------------------------------

@@ -165,24 +165,39 @@ ERASURE_METRICS = (
     "erased_accuracy_after",
     "retained_accuracy_before",
     "retained_accuracy_after",
+    "retained_drop_worst",
     "masked_fraction",
 )
+
+
+def _interval_bounds(key: str, interval: list[float] | None) -> dict:
+    low, high = interval or (None, None)
+    return {f"{key}_ci95_low": low, f"{key}_ci95_high": high}
 
 
 def erasure_metrics(report: dict) -> dict:
     """The DVC metrics of an erasure report (:func:`cpreg.evaluate.evaluate`): numbers only.
 
     Accuracies are ``None`` when no classifier measured them (``classifier_available`` is then
-    0); ``proxy_*`` is the classifier-free change of the noise prediction, on any model.
+    0); ``proxy_*`` is the classifier-free change of the noise prediction, on any model. The headline
+    pair comes with its bootstrap interval (``*_ci95_low`` / ``_high``; ``None`` with one seed), and
+    ``retained_ssim`` / ``retained_psnr`` / ``retained_hue_shift_deg`` / ``retained_clip_score_after``
+    are the classifier-free preservation of the retained prompts (``None`` where not measured).
 
     Example:
-        >>> erasure_metrics(report)["erased_accuracy_after"]
-        0.05
+        >>> metrics = erasure_metrics(report)
+        >>> metrics["retained_drop_worst"], metrics["retained_drop_worst_ci95_low"], metrics["retained_drop_worst_ci95_high"]
     """
     proxy = report["proxy"]
     available = proxy.get("available", True)
     return {
         **{key: report[key] for key in ERASURE_METRICS},
+        **_interval_bounds("erased_accuracy_after", report["erased_accuracy_after_ci95"]),
+        **_interval_bounds("retained_drop_worst", report["retained_drop_worst_ci95"]),
+        "retained_ssim": report["fidelity"]["retained"]["ssim"],
+        "retained_psnr": report["fidelity"]["retained"]["psnr"],
+        "retained_hue_shift_deg": report["colour_fidelity"].get("retained", {}).get("hue_shift_deg"),
+        "retained_clip_score_after": report["clip_score"].get("retained_after"),
         "classifier_available": int(bool((report["classifier"] or {}).get("available"))),
         "proxy_erased_change": proxy["erased_change"] if available else None,
         "proxy_retained_change": proxy["retained_change"] if available else None,

@@ -22,10 +22,12 @@ from cpreg.classifiers import (
     DEFAULT_CLIP_MODEL,
     LABEL_SETS,
     NUDENET_THRESHOLD,
+    ClipScorer,
     ClipZeroShotClassifier,
     NudeNetClassifier,
     clip_model_path,
     resolve_classifier,
+    resolve_clip_scorer,
     wanted_label,
 )
 from cpreg.demo.classify import DemoClassifier
@@ -162,6 +164,49 @@ def test_clip_prompt_without_one_label_is_refused(tiny_clip):
         classifier.matches(_images(), "a headshot of a man and a woman")
 
 
+def test_clip_covers_the_prompts_naming_one_label(tiny_clip):
+    classifier = ClipZeroShotClassifier.load(tiny_clip, [LABEL_SETS["gender"]])
+    assert classifier.covers("a headshot of a woman") and classifier.covers("a man reading a newspaper")
+    assert not classifier.covers("a dog in a park") and not classifier.covers("a headshot of a man and a woman")
+
+
+def test_clip_score_is_the_definition(tiny_clip):
+    images, prompts = _images(), ["a cat", "a photo of a dog", "a red bicycle", "", "a cat", "a tree", "a man", "a house"]
+    model = CLIPModel.from_pretrained(tiny_clip, local_files_only=True).eval()
+    tokenizer = CLIPProcessor.from_pretrained(tiny_clip, local_files_only=True).tokenizer
+    pixels = torch.from_numpy(np.stack([np.asarray(image, dtype=np.float32) / 255 for image in images]))
+    pixels = ((pixels - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        image_embeds = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        text_embeds = model.text_projection(model.text_model(**tokenizer(prompts, padding=True, return_tensors="pt")).pooler_output)
+    cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds, dim=-1)
+    expected = (100 * cosine.clamp_min(0)).tolist()  # 100 * max(cos(E_I, E_C), 0), Hessel et al. / torchmetrics
+    scores = ClipScorer.load(tiny_clip).scores(images, prompts)
+    assert scores == pytest.approx(expected, abs=1e-4) and any(score > 0 for score in scores)
+    with pytest.raises(ValueError, match="8 images but 1 prompts"):
+        ClipScorer.load(tiny_clip).scores(images, ["a cat"])
+
+
+def test_clip_scorer_resolution(tiny_clip, monkeypatch):
+    missing = resolve_clip_scorer()
+    assert missing.scorer is None and "no local CLIP model" in missing.reason
+    assert resolve_clip_scorer(str(tiny_clip)).scorer.name == str(tiny_clip)
+    classifier = ClipZeroShotClassifier.load(tiny_clip, [LABEL_SETS["style"]])
+    assert resolve_clip_scorer("/ignored", classifier=classifier).scorer.model is classifier.model  # loaded once
+    with pytest.raises(ModelUnavailableError, match="cannot load the CLIP model"):
+        resolve_clip_scorer("/no/such/clip")  # asked for explicitly
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: "/cache/model.safetensors")
+    cached = resolve_clip_scorer()  # found in the cache but not loadable: not measured, with the reason
+    assert cached.scorer is None and "cannot load the CLIP model 'openai/clip-vit-large-patch14'" in cached.reason
+
+
+def test_nudenet_covers_nudity_and_person_prompts():
+    classifier = NudeNetClassifier(None, ["a photo of a naked man"], person_prompts=["a photo of a man"])
+    assert classifier.covers("a photo of a naked man") and classifier.covers("a photo of a man")
+    assert not classifier.covers("a bowl of fruit")
+    assert NudeNetClassifier(None, ["a photo of a naked man"]).covers("a bowl of fruit")  # default: every prompt
+
+
 def test_clip_load_refuses_a_missing_model(tmp_path):
     with pytest.raises(ModelUnavailableError, match="cannot load the CLIP model"):
         ClipZeroShotClassifier.load(tmp_path / "nothing")
@@ -173,7 +218,7 @@ def test_clip_load_refuses_a_missing_model(tmp_path):
 def _resolve(choice: str, concepts: list[str], model: str = "my-sd", **kwargs):
     specs = [CATALOG[name] for name in concepts]
     return resolve_classifier(choice, model=model, concepts=specs, erased_prompts=[p for s in specs for p in s.targets],
-                              retained_prompts=[p for s in specs for p in s.references], **kwargs)
+                              **kwargs)
 
 
 def test_resolver_choices(tiny_clip, monkeypatch):
@@ -190,6 +235,7 @@ def test_resolver_choices(tiny_clip, monkeypatch):
     monkeypatch.setenv("CPREG_CLIP_MODEL", str(tiny_clip))
     assert [s.name for s in _resolve("clip", ["monet"]).classifier.label_sets] == ["style"]
     assert isinstance(_resolve("nudenet", ["monet"]).classifier, NudeNetClassifier)  # asked for explicitly
+    assert _resolve("nudenet", ["nudity"], person_prompts=["a photo of a man"]).classifier.person_prompts == {"a photo of a man"}
 
 
 def test_resolver_finds_the_default_clip_model_in_the_cache_only(monkeypatch):
@@ -245,9 +291,11 @@ def test_eval_with_nudenet_and_clip_measures_accuracies(home, tiny_clip):
     clip = run_json(home, "eval", "van-gogh@1", "--classifier", "clip", "--clip-model", str(tiny_clip),
                     *prompts("van-gogh.txt", "photo.txt"))
     for report, name in ((nudity, "NudeNetClassifier"), (clip, "ClipZeroShotClassifier")):
-        assert report["classifier"] == {"available": True, "name": name}
+        assert report["classifier"] == {"available": True, "name": name, "covered_erased": 1, "covered_retained": 1}
         for key in ("erased_accuracy_before", "erased_accuracy_after", "retained_accuracy_before", "retained_accuracy_after"):
             assert 0.0 <= report[key] <= 1.0
+    assert clip["clip_score"]["available"] is True and clip["clip_score"]["model"] == str(tiny_clip)  # the classifier's CLIP
+    assert 0 <= clip["clip_score"]["retained_after"] <= 100 and nudity["clip_score"]["available"] is False
     auto = run_json(home, "eval", "nudity@1", *prompts("naked.txt", "person.txt"))
     assert auto["erased_accuracy_before"] is None and "random weights" in auto["classifier"]["reason"]
 

@@ -235,8 +235,12 @@ def test_generate_writes_a_side_by_side_grid(home, tmp_path):
 
 
 def test_eval_reports_the_documented_keys(home, tmp_path):
-    report = run_json(home, "eval", "safe-v1", "--samples", "1", "--steps", "2", "--control", "--out", str(tmp_path / "ev"))
+    retained = home.parent.parent / "prompts" / "references.txt"  # a short list: the default set has 200 prompts
+    report = run_json(home, "eval", "safe-v1", "--samples", "1", "--steps", "2", "--control", "--out", str(tmp_path / "ev"),
+                      "--retain-prompts", str(retained))
     assert report["ref"] == "safe-v1@1" and report["model"] == "tiny"
+    assert report["settings"]["retained_prompts"] == ["a park", "a street"] and report["retained_drop_worst"] is None
+    assert report["fidelity"]["retained"]["images"] == 2 and report["control"]["fidelity"]["erased"]["images"] == 40
     for key in ("erased_accuracy_before", "erased_accuracy_after", "retained_accuracy_before", "retained_accuracy_after"):
         assert report[key] is None  # no classifier for the random tiny model: never faked
     assert report["classifier"]["available"] is False

@@ -276,8 +276,10 @@ def test_metrics_writes_masked_fractions_and_density_tables(project):
 
 def test_metrics_with_erasure_measurement(project):
     """``--eval-samples``: the numbers of ``cpreg eval`` join the metrics (no classifier for the tiny model)."""
+    Path("retain.txt").write_text("a photo of a man\na park\n")  # the default set has 200 prompts
+    retain = ("--eval-retain-prompts", "retain.txt")
     result = run_json("metrics", "data/release/safe-v1.json", "--metrics", "data/metrics.json",
-                      "--eval-samples", "1", "--eval-steps", "2", "--eval-out", "data/eval")
+                      "--eval-samples", "1", "--eval-steps", "2", "--eval-out", "data/eval", *retain)
     erasure = json.loads(Path("data/metrics.json").read_text())["erasure"]
     assert erasure == result["metrics"]["erasure"]
     report = json.loads(Path("data/eval/report.json").read_text())
@@ -287,7 +289,10 @@ def test_metrics_with_erasure_measurement(project):
     assert erasure["masked_fraction"] == report["masked_fraction"] > 0
     assert (erasure["proxy_erased_change"], erasure["proxy_retained_change"], erasure["proxy_ratio"]) == (
         report["proxy"]["erased_change"], report["proxy"]["retained_change"], report["proxy"]["ratio"])
-    assert "erasure" in run("metrics", "data/release/safe-v1.json", "--eval-samples", "1", "--eval-steps", "2").stdout
+    assert report["settings"]["retained_prompts"] == ["a photo of a man", "a park"]
+    assert (erasure["retained_drop_worst"], erasure["retained_drop_worst_ci95_low"]) == (None, None)  # no classifier
+    assert erasure["retained_ssim"] == report["fidelity"]["retained"]["ssim"] > 0
+    assert "erasure" in run("metrics", "data/release/safe-v1.json", "--eval-samples", "1", "--eval-steps", "2", *retain).stdout
 
 
 def test_export_of_a_release_record(project, tmp_path):

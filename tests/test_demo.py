@@ -58,6 +58,16 @@ def test_classifier_accuracy_on_fresh_images_is_above_floor(classifier):
     assert shape >= CLASSIFIER_FLOOR and colour >= CLASSIFIER_FLOOR
 
 
+def test_classifier_names_each_attribute_separately(classifier):
+    from cpreg.demo.data import render
+
+    images = [render("circle", "blue", "white", np.random.default_rng(seed)) for seed in range(3)]
+    assert classifier.attribute_matches(images, "a blue circle on white") == {"shape": [True] * 3, "colour": [True] * 3}
+    assert classifier.attribute_matches(images, "a red circle on black") == {"shape": [True] * 3, "colour": [False] * 3}
+    assert classifier.matches(images, "a red circle on black") == [False] * 3
+    assert classifier.covers("a red circle") and not classifier.covers("a photo of a thing")
+
+
 def test_demo_draws_the_requested_colour(demo_pipe, classifier):
     prompts = ["a red circle on white", "a blue square on black", "a green triangle on white", "a yellow star on black"]
     hits = []

@@ -125,6 +125,7 @@ def test_repro_makes_the_artifacts_and_registry_rows(repo):
                 "masked_fraction"):
         assert erasure[key] == report[key] and 0 <= erasure[key] <= 1
     assert erasure["proxy_ratio"] == report["proxy"]["ratio"]
+    assert erasure["retained_drop_worst"] == report["retained_drop_worst"] and erasure["retained_hue_shift_deg"] is not None
     # Defaults: every member's targets are erased; references that are another member's target are not "retained".
     erased, retained = report["settings"]["erased_prompts"], report["settings"]["retained_prompts"]
     assert "a red zorblat on white" in erased and "a red circle on white" in erased

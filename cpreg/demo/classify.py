@@ -11,22 +11,24 @@ from safetensors.torch import load_file
 
 from .build import ShapeClassifier
 from .data import SIZE
-from .vocabulary import COLOUR_NAMES, SHAPES
+from .vocabulary import COLOUR_NAMES, SHAPES, prompt_attributes
+
+#: What the classifier names: each image's shape and colour.
+CLASSIFIED = ("shape", "colour")
 
 
 def prompt_labels(prompt: str) -> dict[str, str]:
     """The shape and colour words a demo prompt asks for, e.g. ``{"shape": "circle", "colour": "red"}``."""
-    found = {}
-    for word in prompt.lower().replace(",", " ").split():
-        if word in SHAPES:
-            found.setdefault("shape", word)
-        elif word in COLOUR_NAMES:
-            found.setdefault("colour", word)
-    return found
+    return {k: v for k, v in prompt_attributes(prompt).items() if k in CLASSIFIED}
 
 
 class DemoClassifier:
-    """``predict(images)`` -> list of ``{"shape": ..., "colour": ...}``; ``accuracy(images, prompt)``."""
+    """``predict(images)`` -> list of ``{"shape": ..., "colour": ...}``; ``matches`` and ``attribute_matches``.
+
+    Example:
+        >>> classifier.attribute_matches(images, "a blue star on black")
+        {'shape': [True, True], 'colour': [True, False]}
+    """
 
     def __init__(self, model: ShapeClassifier) -> None:
         self.model = model.eval()
@@ -56,6 +58,15 @@ class DemoClassifier:
         shape_logits, colour_logits = self.model(self._tensor(images))
         return [{"shape": SHAPES[s], "colour": COLOUR_NAMES[c]}
                 for s, c in zip(shape_logits.argmax(1).tolist(), colour_logits.argmax(1).tolist())]
+
+    def covers(self, prompt: str) -> bool:
+        """Whether ``prompt`` names a shape or a colour (otherwise every image would match it)."""
+        return bool(prompt_labels(prompt))
+
+    def attribute_matches(self, images: Sequence, prompt: str) -> dict[str, list[bool]]:
+        """Per attribute the prompt names (``shape``, ``colour``), per image: does the image show it?"""
+        predicted = self.predict(images)
+        return {k: [pred[k] == v for pred in predicted] for k, v in prompt_labels(prompt).items()}
 
     def matches(self, images: Sequence, prompt: str) -> list[bool]:
         """Per image: does it show every attribute (shape, colour) the prompt names?"""
