@@ -32,7 +32,7 @@ import torch
 from bench_calibration import SD15_FFN, build_sd15_unet, log, machine, report, synthetic_sd15_stats, timer
 from torch import nn
 
-from cpreg.editors import ConceptMask, apply_mask, derive_mask, restore_all, switch
+from cpreg.editors import ConceptMask, apply_mask, derive_mask, edit, restore_all, switch
 
 TAU = 10
 
@@ -114,10 +114,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=50, help="timed switches with the zero fill (and halves)")
     parser.add_argument("--noise-repeats", type=int, default=20, help="timed switches with the noise fill")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--cpu-chunk", type=int, default=None,
+                        help="indices read and overwritten together on the CPU (default: the engine's; 100000000: two whole passes)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_chunk:
+        edit._CPU_CHUNK = args.cpu_chunk
+    args.cpu_chunk = edit._CPU_CHUNK
     result = {
         "args": vars(args),
         "machine": machine(args.device),

@@ -84,6 +84,7 @@ class _SavedLayer:
 _STACK = "_cpreg_edits"  # attribute of an edited component module: its MaskEdits, bottom to top
 _APPLY_ORDER = itertools.count()  # orders the edits of different components in active_edits
 _DEVICE_INDICES = WeakIdKeyDictionary()  # a mask's CPU indices -> {device: the same indices there}
+_CPU_CHUNK = 1 << 14  # indices read and overwritten together (their weights fit in the L2 cache)
 
 
 class MaskEdit:
@@ -252,6 +253,24 @@ def _indices_on(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
     return copies[device]
 
 
+def _overwrite(flat: torch.Tensor, indices: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """Save ``flat[indices]``, then write zeros (or ``noise``) there; returns the saved values.
+
+    On the CPU this goes by chunks of indices, so the weights just read are still in the cache
+    when they are overwritten (measured about 15% faster than two passes; docs/benchmarks.md).
+    """
+    original = torch.empty(indices.numel(), dtype=flat.dtype, device=flat.device)
+    chunk = _CPU_CHUNK if flat.device.type == "cpu" else max(indices.numel(), 1)
+    for start in range(0, indices.numel(), chunk):
+        part = indices[start : start + chunk]
+        torch.index_select(flat, 0, part, out=original[start : start + chunk])
+        if noise is None:
+            flat.index_fill_(0, part, 0)
+        else:
+            flat.index_copy_(0, part, noise[start : start + chunk])
+    return original
+
+
 @torch.no_grad()
 def _push(pipe, mask: ConceptMask, weights: dict[str, nn.Parameter], label: str | None, fill: Fill,
           noise_scale: float, seed: int) -> MaskEdit:
@@ -269,14 +288,11 @@ def _push(pipe, mask: ConceptMask, weights: dict[str, nn.Parameter], label: str 
     for name in sorted(mask.layers):
         weight = weights[name]
         indices = _indices_on(mask.layers[name].indices, weight.device)
-        flat = weight.view(-1)
-        saved.append(_SavedLayer(weight, indices, flat.index_select(0, indices)))
-        if fill is Fill.ZERO:
-            flat.index_fill_(0, indices, 0)
-        else:
+        noise = None
+        if fill is Fill.NOISE:
             std = weight.float().std().item() * noise_scale
-            noise = torch.randn(indices.numel(), generator=generator) * std
-            flat.index_copy_(0, indices, noise.to(device=weight.device, dtype=weight.dtype))
+            noise = (torch.randn(indices.numel(), generator=generator) * std).to(device=weight.device, dtype=weight.dtype)
+        saved.append(_SavedLayer(weight, indices, _overwrite(weight.view(-1), indices, noise)))
     edit = MaskEdit(mask, label, fill, stack, saved)
     stack.append(edit)
     return edit
