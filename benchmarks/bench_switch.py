@@ -114,15 +114,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=50, help="timed switches with the zero fill (and halves)")
     parser.add_argument("--noise-repeats", type=int, default=20, help="timed switches with the noise fill")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--cpu-chunk", type=int, default=None,
-                        help="indices read and overwritten together on the CPU (default: the engine's; 100000000: two whole passes)")
+    parser.add_argument("--cpu-region", type=int, default=None,
+                        help="weights restored, read and overwritten together on the CPU (default: the engine's; 100000000: whole-layer passes)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.cpu_chunk:
-        edit._CPU_CHUNK = args.cpu_chunk
-    args.cpu_chunk = edit._CPU_CHUNK
+    if args.cpu_region:
+        edit._CPU_REGION = args.cpu_region
+    args.cpu_region = edit._CPU_REGION
     result = {
         "args": vars(args),
         "machine": machine(args.device),
