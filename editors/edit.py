@@ -287,7 +287,7 @@ def _rewrite(weight: torch.Tensor, restores: list[_SavedLayer], indices: torch.T
 
     Done region by region of the weight: every position sees the same writes and reads in the
     same order as whole-layer passes would make, while the region just restored and read is
-    still in the cache when it is overwritten (a third less time per switch on the CPU,
+    still in the cache when it is overwritten (15-30% less time per switch on the CPU,
     docs/benchmarks.md).
     """
     flat = weight.view(-1)
