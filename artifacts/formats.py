@@ -110,7 +110,7 @@ def mask_to_bytes(mask: ConceptMask) -> bytes:
         if len(shape) != 2 or min(shape) < 1:
             raise ArtifactFormatError(f"layer {name!r} has an invalid shape {layer.shape!r}")
         idx = layer.indices.detach().cpu().numpy()
-        stp = layer.steps.detach().cpu().numpy()
+        stp = layer.skill_counts.detach().cpu().numpy()
         if idx.dtype != np.int64 or stp.dtype != np.uint8 or idx.shape != stp.shape or idx.ndim != 1:
             raise ArtifactFormatError(f"layer {name!r}: need 1-D int64 indices and uint8 steps of equal length")
         indices.append(idx)

@@ -26,29 +26,29 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import math
-import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 
 import torch
 
 from cpreg.editors import CalibrationConfig, calibrate, derive_mask, model_fingerprint
-from cpreg.editors.stats import ActivationStats
 
-THINGS = ["dog", "cat", "house", "tree", "car", "church", "city street", "landscape", "man", "woman", "red circle", "blue square"]
-STYLES = ["van gogh", "monet", "picasso"]
-
-# SD 1.5 ff.net.2 layers: (path prefix, model width); in_features = 4 * width
-SD15_FFN = (
-    [(f"down_blocks.{b}.attentions.{a}", w) for b, w in ((0, 320), (1, 640), (2, 1280)) for a in (0, 1)]
-    + [("mid_block.attentions.0", 1280)]
-    + [(f"up_blocks.{b}.attentions.{a}", w) for b, w in ((1, 1280), (2, 640), (3, 320)) for a in (0, 1, 2)]
+from benchmarking_utils import (  # this folder's shared pieces
+    SD15_FFN_SHAPES,
+    build,
+    machine,
+    prompts,
+    relative_difference,
+    report,
+    run_bare,
+    summary,
+    sync,
+    synthetic_layers,
+    time_calls,
+    timer,
 )
 
 
@@ -56,176 +56,17 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def prompts(n_targets: int, n_references: int) -> tuple[list[str], list[str]]:
-    targets = [f"a {THINGS[i % len(THINGS)]} in the style of {STYLES[i // len(THINGS) % len(STYLES)]}" for i in range(n_targets)]
-    references = [f"a photo of a {THINGS[i % len(THINGS)]}" for i in range(n_references)]
-    return targets, references
-
-
-def build_sd15_unet():
-    """SD 1.5's UNet (859.5M parameters) with random weights from the global RNG, from its config."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+def engine_config(args) -> CalibrationConfig:
+    """The calibration the engine (a) runs and the bare loop (c) mirrors."""
+    return CalibrationConfig(
+        num_inference_steps=args.steps,
+        tau=args.tau,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        height=args.size,
+        width=args.size,
     )
-
-
-def build_sd15(device: str, dtype: torch.dtype, seed: int = 0):
-    """SD 1.5's architecture with random weights, from configs only (no download)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from cpreg.tiny import write_tiny_tokenizer
-
-    torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer = write_tiny_tokenizer(folder)
-    unet = build_sd15_unet()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            bos_token_id=0,  # the tiny tokenizer's special tokens
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return pipe.to(device=device, dtype=dtype)
-
-
-def build(model: str, device: str, dtype: torch.dtype):
-    if model == "tiny":
-        from cpreg.tiny import build_tiny_pipeline
-
-        pipe = build_tiny_pipeline("sd").to(device=device, dtype=dtype)
-    else:
-        pipe = build_sd15(device, dtype)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def machine(device: str) -> dict:
-    """Where a benchmark runs: platform, CPUs, torch threads and version, the GPU if used."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name() if device.startswith("cuda") else None,
-    }
-
-
-def report(result: dict, path: str | None) -> None:
-    """Print ``result`` as JSON on stdout and, given a ``path``, write it there too."""
-    print(json.dumps(result, indent=2))
-    if path:
-        with open(path, "w") as handle:
-            json.dump(result, handle, indent=2)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-@contextmanager
-def timer(result: list, device: str, cpu: list | None = None):
-    """Append the wall time to ``result`` and, if given, this process's CPU time (all threads) to ``cpu``."""
-    sync(device)
-    start, start_cpu = time.perf_counter(), time.process_time()
-    yield
-    sync(device)
-    result.append(time.perf_counter() - start)
-    if cpu is not None:
-        cpu.append(time.process_time() - start_cpu)
-
-
-class _Stop(Exception):
-    pass
-
-
-def run_engine(pipe, targets, references, args):
-    config = CalibrationConfig(
-        num_inference_steps=args.steps, tau=args.tau, guidance_scale=args.guidance, batch_size=args.batch_size, height=args.size, width=args.size
-    )
-    return calibrate(pipe, targets, references, config)
-
-
-def run_bare(pipe, targets, references, args) -> int:
-    """The engine's batches through the pipeline, stopped after tau denoiser calls, no layer hooks."""
-    calls = [0]
-
-    def stop(module, args_, kwargs):
-        if calls[0] == args.tau:
-            raise _Stop
-        calls[0] += 1
-
-    handle = pipe.unet.register_forward_pre_hook(stop, with_kwargs=True)
-    items = targets + references
-    total = 0
-    try:
-        for start in range(0, len(items), args.batch_size):
-            batch = items[start : start + args.batch_size]
-            calls[0] = 0
-            generators = [torch.Generator("cpu").manual_seed(args.seed) for _ in batch]
-            try:
-                pipe(
-                    prompt=batch,
-                    generator=generators,
-                    num_inference_steps=args.steps,
-                    guidance_scale=args.guidance,
-                    output_type="latent",
-                    height=args.size,
-                    width=args.size,
-                )
-            except _Stop:
-                pass
-            total += calls[0]
-    finally:
-        handle.remove()
-    return total
 
 
 def run_literal(pipe, targets, references, args) -> dict:
@@ -339,50 +180,13 @@ def bench_per_call(pipe, targets, references, args) -> dict:
     return result
 
 
-def synthetic_sd15_stats(tau: int, device: str, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    shapes = {f"{prefix}.transformer_blocks.0.ff.net.2": (width, 4 * width) for prefix, width in SD15_FFN}
-    weights = {name: (torch.randn(shape, generator=generator) / math.sqrt(shape[1])).to(device) for name, shape in shapes.items()}
-    stats = ActivationStats(
-        target={name: torch.rand(tau, shape[1], generator=generator) * 100 for name, shape in shapes.items()},
-        reference={name: torch.rand(tau, shape[1], generator=generator) * 100 for name, shape in shapes.items()},
-        config=CalibrationConfig(num_inference_steps=50, tau=tau),
-        component="unet",
-        layer_shapes=shapes,
-        num_target_prompts=1,
-        num_reference_prompts=1,
-        component_params=859_520_964,
-    )
-    return stats, weights
-
-
 def bench_derive(args) -> dict:
-    stats, weights = synthetic_sd15_stats(args.tau, args.device)
+    stats, weights = synthetic_layers(SD15_FFN_SHAPES, args.tau, args.device)
     assert len(weights) == 16 and sum(w.numel() for w in weights.values()) == 49_561_600
-    times = []
     mask = derive_mask(stats, weights, skill_ratio=0.01, tau=args.tau)  # warm-up
-    for _ in range(args.derive_repeats):
-        with timer(times, args.device):
-            mask = derive_mask(stats, weights, skill_ratio=0.01, tau=args.tau)
+    times = time_calls(lambda: derive_mask(stats, weights, skill_ratio=0.01, tau=args.tau), args.derive_repeats, args.device)
     log(f"derive_mask: {[round(t, 3) for t in times]} s, {mask.num_masked} masked ({mask.fraction:.4%} of UNet weights)")
-    return {"seconds": times, "min_s": min(times), "median_s": statistics.median(times), "masked": mask.num_masked, "layers": 16, "weights": 49_561_600}
-
-
-def compare(engine_stats, literal_sums) -> dict:
-    """Differences between the engine's and the literal statistics (sums of squares).
-
-    ``elementwise``: the largest |ours - theirs| / |theirs| of any (step, column);
-    ``normwise``: the largest ||ours - theirs|| / ||theirs|| of any (layer, step).
-    """
-    elementwise = normwise = 0.0
-    for kind in ("target", "reference"):
-        ours = getattr(engine_stats, kind)
-        for name, value in literal_sums[kind].items():
-            theirs = value.cpu().double()
-            difference = ours[name].double() - theirs
-            elementwise = max(elementwise, float((difference.abs() / theirs.abs().clamp_min(1e-30)).max()))
-            normwise = max(normwise, float((difference.norm(dim=1) / theirs.norm(dim=1)).max()))
-    return {"elementwise": elementwise, "normwise": normwise}
+    return {**summary(times), "masked": mask.num_masked, "layers": 16, "weights": 49_561_600}
 
 
 def main(argv=None) -> dict:
@@ -434,9 +238,10 @@ def main(argv=None) -> dict:
         n = len(targets) + len(references)
 
         log("warm-up")
-        warm = argparse.Namespace(**{**vars(args), "steps": 2, "tau": 1})
-        run_bare(pipe, targets[:1], references[:1], warm)
-        run_engine(pipe, targets[:1], references[:1], warm)
+        config = engine_config(args)
+        warm = dataclasses.replace(config, num_inference_steps=2, tau=1)
+        run_bare(pipe, targets[:1] + references[:1], warm)
+        calibrate(pipe, targets[:1], references[:1], warm)
 
         if args.per_call:
             result["per_call"] = bench_per_call(pipe, targets, references, args)
@@ -449,10 +254,10 @@ def main(argv=None) -> dict:
         # Interleaved repeats; the minimum is the run least disturbed by other load on the machine.
         for repeat in range(args.repeats):
             with timer(bare, args.device, bare_cpu):
-                calls = run_bare(pipe, targets, references, args)
+                calls = run_bare(pipe, targets + references, config)
             log(f"bare loop #{repeat}: {bare[-1]:.2f} s wall, {bare_cpu[-1]:.2f} s CPU ({calls} denoiser calls)")
             with timer(engine, args.device, engine_cpu):
-                engine_stats = run_engine(pipe, targets, references, args)
+                engine_stats = calibrate(pipe, targets, references, config)
             log(f"engine calibrate #{repeat}: {engine[-1]:.2f} s wall, {engine_cpu[-1]:.2f} s CPU")
         # the engine also fingerprints the model; the hook overhead compares the loops alone
         engine_loop = min(engine) - fingerprint[0]
@@ -481,7 +286,7 @@ def main(argv=None) -> dict:
                 literal_denoiser_calls=n * args.steps,
                 speedup_vs_literal=literal[0] / min(engine),
                 speedup_vs_literal_cpu=literal_cpu[0] / min(engine_cpu),
-                max_relative_difference=compare(engine_stats, sums),
+                max_relative_difference=relative_difference(engine_stats, sums),
             )
             log(
                 f"literal: {literal[0]:.2f} s wall, {literal_cpu[0]:.2f} s CPU; speedup {result['speedup_vs_literal']:.1f}x;"

@@ -6,7 +6,8 @@ weights), each derived with ``derive_mask`` (skill_ratio 0.01, tau 10) from its 
 statistics and bench_calibration's synthetic weights (so about 1.56 M weights each, the size of
 its ``derive`` benchmark, 3.1% of those layers) are switched alternately:
 every switch restores one mask's weights and prunes the other's. Also timed: the two halves
-(``restore_all`` alone, ``apply_mask`` onto the base weights alone) and the noise fill.
+(``restore_all`` alone, ``apply_mask`` onto the base weights alone), the noise fill, and the
+same switches written the way ``apply_mask``/``restore`` worked before the edit stack (legacy).
 
 Models: ``unet`` (default): SD 1.5's ``UNet2DConditionModel`` built from its config with random
 weights (859.5 M parameters, 3.4 GB in float32; nothing is downloaded); ``layers``: only the 16
@@ -29,10 +30,11 @@ import time
 from types import SimpleNamespace
 
 import torch
-from bench_calibration import SD15_FFN, build_sd15_unet, log, machine, report, synthetic_sd15_stats, timer
+from bench_calibration import log
+from benchmarking_utils import SD15_FFN, SD15_FFN_SHAPES, build_sd15_unet, machine, report, synthetic_layers, timer
 from torch import nn
 
-from cpreg.editors import ConceptMask, apply_mask, derive_mask, restore_all, switch
+from cpreg.editors import ConceptMask, apply_mask, derive_mask, edit, restore_all, switch
 
 TAU = 10
 
@@ -64,7 +66,7 @@ def derive_masks(pipe, device: str) -> list[ConceptMask]:
     The 16 layers get bench_calibration's synthetic Gaussian weights (std 1/sqrt(in_features));
     ``derive_mask`` then runs on two sets of synthetic statistics.
     """
-    runs = [synthetic_sd15_stats(TAU, device, seed=seed) for seed in (0, 1)]
+    runs = [synthetic_layers(SD15_FFN_SHAPES, TAU, device, seed=seed) for seed in (0, 1)]
     weights = {name: pipe.unet.get_submodule(name).weight for name in runs[0][1]}
     with torch.no_grad():
         for name, weight in runs[0][1].items():
@@ -95,6 +97,36 @@ def bench_switch(pipe, masks: list[ConceptMask], fill: str, repeats: int, device
     return summary(wall, cpu)
 
 
+def bench_legacy(pipe, masks: list[ConceptMask], repeats: int, device: str) -> dict:
+    """The same switches written as ``apply_mask`` and ``restore`` were before the edit stack
+    (commit 0107156): ``flat[indices]`` reads and writes, the indices moved to the weight's
+    device on every apply, two whole passes per layer."""
+    weights = {name: pipe.unet.get_submodule(name).weight for name in masks[0].layers}
+
+    @torch.no_grad()
+    def apply(mask: ConceptMask) -> list:
+        saved = []
+        for name in sorted(mask.layers):
+            flat, indices = weights[name].view(-1), mask.layers[name].indices.to(weights[name].device)
+            saved.append((flat, indices, flat[indices].clone()))
+            flat[indices] = 0
+        return saved
+
+    @torch.no_grad()
+    def restore(saved: list) -> None:
+        for flat, indices, original in reversed(saved):
+            flat[indices] = original
+
+    saved, wall, cpu = apply(masks[1]), [], []
+    for i in range(repeats):
+        with timer(wall, device, cpu):
+            restore(saved)
+            saved = apply(masks[i % 2])
+    restore(saved)
+    log(f"legacy switch (restore, then apply), zero fill: min {1000 * min(wall):.2f} ms, median {1000 * statistics.median(wall):.2f} ms")
+    return summary(wall, cpu)
+
+
 def bench_halves(pipe, masks: list[ConceptMask], repeats: int, device: str) -> dict:
     """``apply_mask`` onto the base weights (zero fill) and ``restore_all``, timed apart."""
     (apply_wall, apply_cpu), (restore_wall, restore_cpu) = ([], []), ([], [])
@@ -114,10 +146,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=50, help="timed switches with the zero fill (and halves)")
     parser.add_argument("--noise-repeats", type=int, default=20, help="timed switches with the noise fill")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--cpu-region", type=int, default=None,
+                        help="weights restored, read and overwritten together on the CPU (default: the engine's; 100000000: whole-layer passes)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_region:
+        edit._CPU_REGION = args.cpu_region
+    args.cpu_region = edit._CPU_REGION
     result = {
         "args": vars(args),
         "machine": machine(args.device),
@@ -133,6 +170,7 @@ def main(argv=None) -> dict:
     result["switch_zero"] = bench_switch(pipe, masks, "zero", args.repeats, args.device)
     result["switch_noise"] = bench_switch(pipe, masks, "noise", args.noise_repeats, args.device)
     result.update(bench_halves(pipe, masks, args.repeats, args.device))
+    result["legacy_switch_zero"] = bench_legacy(pipe, masks, args.repeats, args.device)
     result["load_average_after"] = os.getloadavg()
     report(result, args.json)
     return result

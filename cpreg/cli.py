@@ -395,7 +395,7 @@ def calibrate_command(
     Idempotent: a calibration of the same model, prompts and settings already in the registry is
     reused (no model run, unless --recompute), and identical statistics are one registry row.
     """
-    from .pipeline import check_output, write_output
+    from .dvc_files import check_output, write_output
 
     from .editors import CalibrationConfig
 
@@ -440,7 +440,7 @@ def mask_command(
     Idempotent: a mask version with the same content is reused, not duplicated. The base model's
     weights are loaded (CPU) to score, and its fingerprint must be the statistics'.
     """
-    from .pipeline import check_output, read_input, write_output
+    from .dvc_files import check_output, read_input, write_output
 
     if out_path is not None:
         check_output(out_path, (".parquet",), force=force)
@@ -541,7 +541,7 @@ def release_command(
     as_json: JsonOption = False,
 ) -> None:
     """Compose the masks in mask files into release NAME; reuses the latest version if it has the same members."""
-    from .pipeline import (
+    from .dvc_files import (
         canonical_json,
         check_output,
         read_input,
@@ -597,7 +597,7 @@ def metrics_command(
     ``cpreg eval`` (base vs. edited, same seeds).
     """
     from .catalog import read_prompt_file
-    from .pipeline import (
+    from .dvc_files import (
         canonical_json,
         check_output,
         erasure_metrics,
@@ -716,7 +716,7 @@ def export(
     """
     record = None
     if ref.endswith(".json") and Path(ref).is_file():
-        from .pipeline import read_release_record
+        from .dvc_files import read_release_record
 
         record = read_release_record(ref)
     with _workspace(runs_models=True) as ws:

@@ -168,7 +168,7 @@ def _stats_header(stats: ActivationStats) -> dict:
         "fingerprint": stats.fingerprint,
         "component": stats.component,
         "layers": {name: list(shape) for name, shape in stats.layer_shapes.items()},
-        "steps": stats.steps,
+        "steps": stats.recorded_steps,
     }
 
 

@@ -39,7 +39,7 @@ def _write(mask: ConceptMask, suffix: str, path: Path) -> None:
             names += [name] * layer.count
             rows.append(row.numpy().astype(np.int32))
             cols.append(col.numpy().astype(np.int32))
-            steps.append(layer.steps.numpy())
+            steps.append(layer.skill_counts.numpy())
         table = pa.table({
             "layer": pa.array(names, pa.string()).dictionary_encode(),
             "row": pa.array(np.concatenate(rows) if rows else [], pa.int32()),

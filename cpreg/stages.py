@@ -160,7 +160,7 @@ def mask_from_stats(
     validate_name(spec.name)
     stats = stats_from_bytes(stats_data)
     skill_ratio = spec.skill_ratio if skill_ratio is None else skill_ratio
-    check_selection(skill_ratio, select_ratio, tau, calibrated_tau=stats.steps)
+    check_selection(skill_ratio, select_ratio, tau, calibrated_tau=stats.recorded_steps)
     if stats.fingerprint is None:
         raise InvalidArgumentError(f"{source} name no base model fingerprint")
     if model is None:

@@ -27,7 +27,8 @@ from torch import nn
 from ..errors import CalibrationError, InvalidArgumentError
 from .fingerprint import model_fingerprint
 from .hooks import HookedLayers, component_module, denoiser_component, hooked_layers
-from .stats import ActivationStats, CalibrationConfig, NoiseMode
+from .options import NoiseMode, StatsDtype
+from .stats import ActivationStats, CalibrationConfig
 
 TARGET, REFERENCE = 0, 1
 _EPS_SQ = 1e-24  # squared-norm floor: an all-zero row contributes nothing instead of NaN
@@ -38,38 +39,46 @@ class _StopDenoising(Exception):
 
 
 class _Recorder:
-    """Per-layer sums ``[steps, 2, in_features]`` (fp32 or fp16) of squared, row-normalised inputs."""
+    """Per-layer fp32 sums ``[steps, 2, in_features]`` of squared, row-normalised inputs."""
 
-    def __init__(self, layers: HookedLayers, steps: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.steps = steps
-        self.dtype = dtype
-        self.sums = {
-            name: torch.zeros(steps, 2, module.in_features, dtype=dtype, device=device)
+    dtype = torch.float32
+
+    def __init__(self, layers: HookedLayers, recorded_steps: int, device: torch.device) -> None:
+        self.recorded_steps = recorded_steps
+        self.totals = {
+            name: torch.zeros(recorded_steps, 2, module.in_features, dtype=self.dtype, device=device)
             for name, module in layers.modules.items()
         }
         self.device = device
         self.step = 0
         self.calls = 0
+        self.sets: list[int] = []
         self.row_sets = torch.zeros(0, dtype=torch.long, device=device)
 
     def start_batch(self, sets: Sequence[int]) -> None:
-        self.row_sets = torch.tensor(list(sets), dtype=torch.long, device=self.device)
+        self.sets = list(sets)
+        self.row_sets = torch.tensor(self.sets, dtype=torch.long, device=self.device)
         self.step = 0
         self.calls = 0
 
-    def record(self, name: str, x: torch.Tensor) -> None:
-        rows, prompts = x.shape[0], self.row_sets.shape[0]
+    def _prompts(self, name: str, x: torch.Tensor) -> int:
+        rows, prompts = x.shape[0], len(self.sets)
         if rows % prompts:
             raise CalibrationError(f"`{name}` got {rows} batch rows for {prompts} prompts")
-        if self.dtype is torch.float16:
-            self.sums[name][self.step].index_add_(0, self.row_sets, _half_prompt_sums(x, prompts))
-            return
+        return prompts
+
+    def record(self, name: str, x: torch.Tensor) -> None:
+        rows, prompts = x.shape[0], self._prompts(name, x)
         # Guidance batches stack [unconditional rows, conditional rows]; both belong to the prompt.
         sets = self.row_sets.repeat(rows // prompts)
         squares = x.reshape(rows, -1, x.shape[-1]).to(torch.float32).square()
         inverse_norms = squares.sum(-1, keepdim=True).clamp_min_(_EPS_SQ).reciprocal_()
         per_row = torch.bmm(inverse_norms.transpose(1, 2), squares).squeeze(1)
-        self.sums[name][self.step].index_add_(0, sets, per_row)
+        self.totals[name][self.step].index_add_(0, sets, per_row)
+
+    def sums_of_squares(self) -> dict[str, torch.Tensor]:
+        """The statistics ``[steps, 2, in_features]`` of every layer, on the CPU."""
+        return {name: value.cpu() for name, value in self.totals.items()}
 
     def layer_hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -78,22 +87,35 @@ class _Recorder:
         return hook
 
     def denoiser_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.calls == self.steps:
+        if self.calls == self.recorded_steps:
             raise _StopDenoising
         self.step = self.calls
         self.calls += 1
 
 
-def _half_prompt_sums(x: torch.Tensor, prompts: int) -> torch.Tensor:
-    """fp16 sums of squares ``[prompts, in_features]`` of ``x``'s rows, normalised in fp16, per prompt.
+class _HalfRecorder(_Recorder):
+    """The reference code's fp16 arithmetic: running column norms ``c = sqrt(c² + n²)`` in fp16.
 
-    As the reference code: every row is L2-normalised in fp16 *before* squaring (squares of raw
-    activations overflow fp16), and one sum per prompt and call covers its guidance copies and
-    tokens together, then adds to the running fp16 sum.
+    Per set, step and layer, ``n`` is the fp16 column norm of one prompt's rows in one call
+    (guidance copies and tokens together), each row L2-normalised in fp16 first (squares of raw
+    activations overflow fp16); prompts are added one after the other, as the reference does, with
+    its roundings (``c²``, ``n²``, their sum and the square root, each rounded to fp16). The sums
+    of squares are ``c²`` in fp16: for every normal fp16 ``c``, ``sqrt(c²)`` rounds back to ``c``,
+    so the norms that are scored are the reference's.
     """
-    copies = x.shape[0] // prompts  # [unconditional rows, conditional rows] of the same prompts
-    rows = F.normalize(x.to(torch.float16).reshape(copies, prompts, -1, x.shape[-1]), dim=-1)
-    return rows.square().sum(dim=(0, 2))
+
+    dtype = torch.float16
+
+    def record(self, name: str, x: torch.Tensor) -> None:
+        prompts = self._prompts(name, x)
+        rows = F.normalize(x.to(torch.float16).reshape(x.shape[0] // prompts, prompts, -1, x.shape[-1]), dim=-1)
+        norms = torch.linalg.vector_norm(rows, dim=(0, 2))  # [prompts, in_features]
+        running = self.totals[name][self.step]
+        for prompt, kind in enumerate(self.sets):
+            running[kind] = (running[kind].square() + norms[prompt].square()).sqrt()
+
+    def sums_of_squares(self) -> dict[str, torch.Tensor]:
+        return {name: value.square().cpu() for name, value in self.totals.items()}
 
 
 def _check_prompts(kind: str, prompts: Sequence[str]) -> list[str]:
@@ -163,7 +185,8 @@ def calibrate(
     layers = hooked_layers(pipe, config.hook)
     root = component_module(pipe, layers.component)
     device = next(root.parameters()).device
-    recorder = _Recorder(layers, config.recorded_steps, device, config.stats_dtype.torch_dtype)
+    recorder_class = _HalfRecorder if config.stats_dtype is StatsDtype.FLOAT16 else _Recorder
+    recorder = recorder_class(layers, config.recorded_steps, device)
     items = [(prompt, TARGET) for prompt in targets] + [(prompt, REFERENCE) for prompt in references]
     batches = [items[i : i + config.batch_size] for i in range(0, len(items), config.batch_size)]
     if hasattr(pipe, "set_progress_bar_config"):
@@ -188,7 +211,7 @@ def calibrate(
                 if bar is not None:
                     bar.advance(task)
 
-    sums = {name: value.cpu() for name, value in recorder.sums.items()}
+    sums = recorder.sums_of_squares()
     return ActivationStats(
         target={name: value[:, TARGET].contiguous() for name, value in sums.items()},
         reference={name: value[:, REFERENCE].contiguous() for name, value in sums.items()},
@@ -207,8 +230,8 @@ def _denoise(pipe, prompts: list[str], config: CalibrationConfig, recorder: _Rec
         pipe(prompt=prompts, **_initial_noise(pipe, len(prompts), config), **_pipeline_kwargs(pipe, config))
     except _StopDenoising:
         return
-    if recorder.calls < recorder.steps:
-        raise CalibrationError(f"the pipeline made {recorder.calls} denoiser calls, fewer than tau={recorder.steps}")
+    if recorder.calls < recorder.recorded_steps:
+        raise CalibrationError(f"the pipeline made {recorder.calls} denoiser calls, fewer than tau={recorder.recorded_steps}")
 
 
 def _initial_noise(pipe, prompts: int, config: CalibrationConfig) -> dict:

@@ -68,10 +68,15 @@ class _SavedLayer:
     indices: torch.Tensor
     original: torch.Tensor
 
+    @torch.no_grad()
+    def write_back(self) -> None:
+        self.weight.view(-1).index_copy_(0, self.indices, self.original)
+
 
 _STACK = "_cpreg_edits"  # attribute of an edited component module: its MaskEdits, bottom to top
 _APPLY_ORDER = itertools.count()  # orders the edits of different components in active_edits
 _DEVICE_INDICES = WeakIdKeyDictionary()  # a mask's CPU indices -> {device: the same indices there}
+_CPU_REGION = 1 << 20  # weights (4 MB in fp32) restored, read and overwritten together on the CPU
 
 
 class MaskEdit:
@@ -98,7 +103,6 @@ class MaskEdit:
     def __repr__(self) -> str:
         return f"<MaskEdit {self.info}{'' if self.active else ', restored'}>"
 
-    @torch.no_grad()
     def restore(self) -> None:
         """Write the original values back; a no-op once restored.
 
@@ -114,11 +118,15 @@ class MaskEdit:
                 f"cannot restore {self.info}: {top.info} was applied after it and is still applied;"
                 " restore that one first, or everything with restore_all(pipe)"
             )
-        for layer in self._saved:
-            layer.weight.view(-1).index_copy_(0, layer.indices, layer.original)
+        for layer in self._pop():
+            layer.write_back()
+
+    def _pop(self) -> list[_SavedLayer]:
+        """Take this edit, the top of its stack, off it; the caller writes the returned values back."""
+        assert self._stack[-1] is self
         self._stack.pop()
-        self._saved = []
-        self.active = False
+        saved, self._saved, self.active = self._saved, [], False
+        return saved
 
     def __enter__(self) -> MaskEdit:
         return self
@@ -175,7 +183,7 @@ def apply_mask(
             whatever its fill or label): applying it again is refused.
     """
     fill = Fill(fill)
-    return _push(pipe, mask, check_mask_matches(pipe, mask), label, fill, noise_scale, seed)
+    return _push(pipe, mask, check_mask_matches(pipe, mask), label, fill, noise_scale, seed, {})
 
 
 def switch(
@@ -200,8 +208,17 @@ def switch(
     """
     fill = Fill(fill)
     weights = check_mask_matches(pipe, mask)
-    restore_all(pipe)
-    return _push(pipe, mask, weights, label, fill, noise_scale, seed)
+    # Every edit comes off, top first; the layers the new mask edits too are written back during
+    # the apply, region by region (see _rewrite), the others now.
+    edited = {id(weight) for weight in weights.values()}
+    deferred: dict[int, list[_SavedLayer]] = {}
+    for edit in reversed(_applied_edits(pipe)):
+        for layer in edit._pop():
+            if id(layer.weight) in edited:
+                deferred.setdefault(id(layer.weight), []).append(layer)
+            else:
+                layer.write_back()
+    return _push(pipe, mask, weights, label, fill, noise_scale, seed, deferred)
 
 
 def active_edits(pipe) -> list[ActiveEdit]:
@@ -240,10 +257,52 @@ def _indices_on(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
     return copies[device]
 
 
+def _region_starts(weight: torch.Tensor, indices: torch.Tensor) -> list[int]:
+    """Offsets into the sorted ``indices`` where each region of the flat weight starts, and the end.
+
+    Regions are ``_CPU_REGION`` weights long on the CPU; elsewhere the whole weight is one region.
+    """
+    if weight.device.type != "cpu":
+        return [0, indices.numel()]
+    bounds = torch.arange(_CPU_REGION, max(weight.numel(), _CPU_REGION), _CPU_REGION, device=indices.device)
+    return [0, *torch.searchsorted(indices, bounds).tolist(), indices.numel()]
+
+
+def _rewrite(weight: torch.Tensor, restores: list[_SavedLayer], indices: torch.Tensor,
+             noise: torch.Tensor | None) -> torch.Tensor:
+    """Write ``restores`` back (top first), then save ``weight``'s ``indices`` and write zeros (or
+    ``noise``) there; returns the saved values.
+
+    Done region by region of the weight: every position sees the same writes and reads in the
+    same order as whole-layer passes would make, while the region just restored and read is
+    still in the cache when it is overwritten (15-30% less time per switch on the CPU,
+    docs/benchmarks.md).
+    """
+    flat = weight.view(-1)
+    original = torch.empty(indices.numel(), dtype=flat.dtype, device=flat.device)
+    restore_starts = [_region_starts(weight, layer.indices) for layer in restores]
+    starts = _region_starts(weight, indices)
+    for region in range(len(starts) - 1):
+        for layer, bounds in zip(restores, restore_starts):
+            part = slice(bounds[region], bounds[region + 1])
+            flat.index_copy_(0, layer.indices[part], layer.original[part])
+        part = slice(starts[region], starts[region + 1])
+        torch.index_select(flat, 0, indices[part], out=original[part])
+        if noise is None:
+            flat.index_fill_(0, indices[part], 0)
+        else:
+            flat.index_copy_(0, indices[part], noise[part])
+    return original
+
+
 @torch.no_grad()
 def _push(pipe, mask: ConceptMask, weights: dict[str, nn.Parameter], label: str | None, fill: Fill,
-          noise_scale: float, seed: int) -> MaskEdit:
-    """Overwrite ``mask``'s positions of the checked ``weights``; put the edit on its component's stack."""
+          noise_scale: float, seed: int, deferred: dict[int, list[_SavedLayer]]) -> MaskEdit:
+    """Overwrite ``mask``'s positions of the checked ``weights``; put the edit on its component's stack.
+
+    ``deferred``: per ``id(weight)``, saved values of edits already taken off their stacks, to
+    write back (top first) before the weight is overwritten.
+    """
     stack: list[MaskEdit] = vars(component_module(pipe, mask.component)).setdefault(_STACK, [])
     for edit in stack:
         if edit.mask is mask or _same_positions(edit.mask, mask):
@@ -257,14 +316,14 @@ def _push(pipe, mask: ConceptMask, weights: dict[str, nn.Parameter], label: str 
     for name in sorted(mask.layers):
         weight = weights[name]
         indices = _indices_on(mask.layers[name].indices, weight.device)
-        flat = weight.view(-1)
-        saved.append(_SavedLayer(weight, indices, flat.index_select(0, indices)))
-        if fill is Fill.ZERO:
-            flat.index_fill_(0, indices, 0)
-        else:
+        restores, noise = deferred.get(id(weight), []), None
+        if fill is Fill.NOISE:  # the noise scale is the std of the weight with the edits restored
+            for layer in restores:
+                layer.write_back()
+            restores = []
             std = weight.float().std().item() * noise_scale
-            noise = torch.randn(indices.numel(), generator=generator) * std
-            flat.index_copy_(0, indices, noise.to(device=weight.device, dtype=weight.dtype))
+            noise = (torch.randn(indices.numel(), generator=generator) * std).to(device=weight.device, dtype=weight.dtype)
+        saved.append(_SavedLayer(weight, indices, _rewrite(weight, restores, indices, noise)))
     edit = MaskEdit(mask, label, fill, stack, saved)
     stack.append(edit)
     return edit

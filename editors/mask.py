@@ -25,18 +25,19 @@ from ..errors import InvalidArgumentError
 class LayerMask:
     """Masked positions of one ``[out_features, in_features]`` weight.
 
-    ``indices``: int64, strictly increasing flat indices; ``steps``: uint8, same length, >= 1.
+    ``indices``: int64, strictly increasing flat indices; ``skill_counts``: uint8, same length, >= 1:
+    in how many of the first ``tau`` steps each weight was skilled (the ``steps`` column of the files).
     """
 
     shape: tuple[int, int]
     indices: torch.Tensor
-    steps: torch.Tensor
+    skill_counts: torch.Tensor
 
     def __post_init__(self) -> None:
-        if self.indices.dtype != torch.int64 or self.steps.dtype != torch.uint8:
-            raise InvalidArgumentError("LayerMask needs int64 indices and uint8 steps")
-        if self.indices.shape != self.steps.shape or self.indices.dim() != 1:
-            raise InvalidArgumentError("LayerMask indices and steps must be 1-D of equal length")
+        if self.indices.dtype != torch.int64 or self.skill_counts.dtype != torch.uint8:
+            raise InvalidArgumentError("LayerMask needs int64 indices and uint8 skill_counts")
+        if self.indices.shape != self.skill_counts.shape or self.indices.dim() != 1:
+            raise InvalidArgumentError("LayerMask indices and skill_counts must be 1-D of equal length")
         size = self.shape[0] * self.shape[1]
         if len(self.indices) and (
             self.indices[0] < 0 or self.indices[-1] >= size or bool((self.indices[1:] <= self.indices[:-1]).any())
@@ -72,7 +73,7 @@ class LayerMask:
         return (
             self.shape == other.shape
             and torch.equal(self.indices, other.indices)
-            and torch.equal(self.steps, other.steps)
+            and torch.equal(self.skill_counts, other.skill_counts)
         )
 
 
@@ -141,8 +142,8 @@ class ConceptMask:
             raise InvalidArgumentError("a stored mask can only be made stricter (higher select_ratio)")
         layers = {}
         for name, layer in self.layers.items():
-            keep = layer.steps.to(torch.float32) > select_ratio * tau
-            layers[name] = LayerMask(layer.shape, layer.indices[keep], layer.steps[keep])
+            keep = layer.skill_counts.to(torch.float32) > select_ratio * tau
+            layers[name] = LayerMask(layer.shape, layer.indices[keep], layer.skill_counts[keep])
         return replace(self, layers=layers, params={**self.params, "select_ratio": select_ratio})
 
     def equals(self, other: ConceptMask) -> bool:
@@ -179,9 +180,9 @@ def union(masks: Sequence[ConceptMask], labels: Sequence[str] | None = None) -> 
     layers = {}
     for name, layer in first.layers.items():
         indices = torch.cat([mask.layers[name].indices for mask in masks])
-        steps = torch.cat([mask.layers[name].steps for mask in masks])
+        counts = torch.cat([mask.layers[name].skill_counts for mask in masks])
         unique, inverse = torch.unique(indices, sorted=True, return_inverse=True)
-        merged = torch.zeros(unique.shape, dtype=torch.uint8).scatter_reduce(0, inverse, steps, reduce="amax")
+        merged = torch.zeros(unique.shape, dtype=torch.uint8).scatter_reduce(0, inverse, counts, reduce="amax")
         layers[name] = LayerMask(layer.shape, unique, merged)
     return ConceptMask(
         layers=layers,

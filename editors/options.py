@@ -67,8 +67,9 @@ class StatsDtype(str, Enum):
     """Dtype in which statistics are accumulated, stored and scored.
 
     - ``float32``: the default;
-    - ``float16``: as the reference code (rows normalised, squared and summed in fp16; Wanda
-      scores and their comparison in fp16), to reproduce the published masks.
+    - ``float16``: as the reference code (rows normalised in fp16, running fp16 column norms
+      ``c = sqrt(c² + n²)`` stored as ``c²``; Wanda scores, top-k and comparison in fp16), to
+      reproduce the published masks.
     """
 
     FLOAT32 = "float32"

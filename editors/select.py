@@ -99,8 +99,8 @@ def derive_mask(
     Scores are computed in the statistics' dtype (``stats.config.stats_dtype``: fp32, or fp16 as
     the reference code).
     """
-    tau = stats.steps if tau is None else tau
-    check_selection(skill_ratio, select_ratio, tau, calibrated_tau=stats.steps)
+    tau = stats.recorded_steps if tau is None else tau
+    check_selection(skill_ratio, select_ratio, tau, calibrated_tau=stats.recorded_steps)
     target_norms, reference_norms = stats.target_norms(), stats.reference_norms()
     scores_dtype = stats.config.stats_dtype.torch_dtype
     layers = {}

@@ -114,8 +114,8 @@ class ActivationStats:
             raise InvalidArgumentError("target, reference and layer_shapes must name the same layers")
 
     @property
-    def steps(self) -> int:
-        """Number of recorded steps (the calibrated tau)."""
+    def recorded_steps(self) -> int:
+        """Number of recorded steps: the calibrated tau (1 for the text encoder)."""
         return next(iter(self.target.values())).shape[0]
 
     def target_norms(self) -> dict[str, torch.Tensor]:

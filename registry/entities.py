@@ -64,7 +64,7 @@ class Calibration:
     prompt_set_id: int
     prompt_set_hash: str
     seed: int
-    steps: int
+    num_inference_steps: int
     guidance: float
     tau: int
     hook: str

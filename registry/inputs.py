@@ -260,7 +260,7 @@ class InputsMixin:
                 base_model=model,
                 prompt_set=prompts,
                 seed=config.seed,
-                steps=config.num_inference_steps,
+                num_inference_steps=config.num_inference_steps,
                 guidance=float(config.guidance_scale),
                 tau=config.tau,
                 hook=config.hook.value,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -57,6 +57,16 @@ if TYPE_CHECKING:  # the engine imports torch: only for type hints here
     from ..editors import ConceptMask
 
 
+class MaskDetails(TypedDict, total=False):
+    """Optional fields of a new mask version: free text, tags and who or what made it."""
+
+    description: str
+    tags: Iterable[str]
+    created_by: str | None
+    dvc_stage: str | None
+    git_rev: str | None
+
+
 class MaskMixin:
     """Mask versions, tags and aliases of a :class:`~cpreg.registry.Registry`."""
 
@@ -71,29 +81,21 @@ class MaskMixin:
         base_model: BaseModelArg,
         calibration: Calibration | int | None = None,
         *,
-        description: str = "",
-        tags: Iterable[str] = (),
-        created_by: str | None = None,
-        dvc_stage: str | None = None,
-        git_rev: str | None = None,
         reuse_existing: bool = False,
+        **details: Unpack[MaskDetails],
     ) -> Mask:
         """Store ``mask`` as the next version of ``concept`` on ``base_model``.
 
         The mask's fingerprint must be the base model's (and the calibration's base model, when
         given). The object is stored before the row is committed. With ``reuse_existing`` an
         existing version with the same content is returned instead (:meth:`get_or_add_mask`).
+        ``details``: see :class:`MaskDetails`.
 
         Example:
             >>> reg.add_mask("nudity", mask, model, cal, tags=["paper"]).ref
             'nudity@4'
         """
-        entity, _ = self._add_mask(
-            concept, mask, base_model, calibration,
-            description=description, tags=tags, created_by=created_by, dvc_stage=dvc_stage, git_rev=git_rev,
-            reuse=reuse_existing,
-        )
-        return entity
+        return self._add_mask(concept, mask, base_model, calibration, reuse=reuse_existing, **details)[0]
 
     def get_or_add_mask(
         self,
@@ -101,12 +103,7 @@ class MaskMixin:
         mask: ConceptMask,
         base_model: BaseModelArg,
         calibration: Calibration | int | None = None,
-        *,
-        description: str = "",
-        tags: Iterable[str] = (),
-        created_by: str | None = None,
-        dvc_stage: str | None = None,
-        git_rev: str | None = None,
+        **details: Unpack[MaskDetails],
     ) -> tuple[Mask, bool]:
         """``(mask, created)``: the oldest version of ``concept`` on ``base_model`` with this
         content (same object id: same layers, steps and parameters), else a new version.
@@ -120,11 +117,7 @@ class MaskMixin:
             >>> reg.get_or_add_mask("nudity", mask, model, cal)[1]
             False
         """
-        return self._add_mask(
-            concept, mask, base_model, calibration,
-            description=description, tags=tags, created_by=created_by, dvc_stage=dvc_stage, git_rev=git_rev,
-            reuse=True,
-        )
+        return self._add_mask(concept, mask, base_model, calibration, reuse=True, **details)
 
     def _add_mask(
         self,
@@ -133,12 +126,12 @@ class MaskMixin:
         base_model: BaseModelArg,
         calibration: Calibration | int | None,
         *,
-        description: str,
-        tags: Iterable[str],
-        created_by: str | None,
-        dvc_stage: str | None,
-        git_rev: str | None,
         reuse: bool,
+        description: str = "",
+        tags: Iterable[str] = (),
+        created_by: str | None = None,
+        dvc_stage: str | None = None,
+        git_rev: str | None = None,
     ) -> tuple[Mask, bool]:
         """:meth:`get_or_add_mask` (``reuse``), else a new version whatever exists."""
         if not isinstance(mask, editors.ConceptMask):

@@ -153,7 +153,7 @@ class CalibrationRow(Base):
     base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), nullable=False, index=True)
     prompt_set_id: Mapped[int] = mapped_column(ForeignKey("prompt_sets.id"), nullable=False, index=True)
     seed: Mapped[int] = mapped_column(BigInteger, nullable=False)
-    steps: Mapped[int] = mapped_column(Integer, nullable=False)
+    num_inference_steps: Mapped[int] = mapped_column("steps", Integer, nullable=False)  # T
     guidance: Mapped[float] = mapped_column(Float, nullable=False)
     tau: Mapped[int] = mapped_column(Integer, nullable=False)
     hook: Mapped[str] = mapped_column(String(32), nullable=False)
@@ -180,7 +180,7 @@ class CalibrationRow(Base):
             prompt_set_id=self.prompt_set_id,
             prompt_set_hash=self.prompt_set.content_hash,
             seed=self.seed,
-            steps=self.steps,
+            num_inference_steps=self.num_inference_steps,
             guidance=self.guidance,
             tau=self.tau,
             hook=self.hook,

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict, Unpack
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -43,6 +43,15 @@ if TYPE_CHECKING:  # the engine imports torch: only for type hints here
     from ..editors import ConceptMask
 
 
+class ReleaseDetails(TypedDict, total=False):
+    """Optional fields of a new release version: the base model to pick members on, who or what made it."""
+
+    base_model: BaseModelArg | None
+    created_by: str | None
+    dvc_stage: str | None
+    git_rev: str | None
+
+
 class ReleaseMixin:
     """Releases of a :class:`~cpreg.registry.Registry`."""
 
@@ -51,15 +60,7 @@ class ReleaseMixin:
     _tx: Transactions
 
     def compose(
-        self,
-        name: str,
-        refs: Sequence[MaskArg],
-        notes: str = "",
-        *,
-        base_model: BaseModelArg | None = None,
-        created_by: str | None = None,
-        dvc_stage: str | None = None,
-        git_rev: str | None = None,
+        self, name: str, refs: Sequence[MaskArg], notes: str = "", **details: Unpack[ReleaseDetails]
     ) -> Release:
         """Store the union of the masks ``refs`` name as the next version of release ``name``.
 
@@ -72,22 +73,10 @@ class ReleaseMixin:
             >>> reg.compose("safe-v1", ["nudity@prod", "van-gogh@2"], notes="Q3 release").ref
             'safe-v1@1'
         """
-        release, _ = self._compose(
-            name, refs, notes,
-            base_model=base_model, created_by=created_by, dvc_stage=dvc_stage, git_rev=git_rev, reuse_latest=False,
-        )
-        return release
+        return self._compose(name, refs, notes, reuse_latest=False, **details)[0]
 
     def get_or_compose(
-        self,
-        name: str,
-        refs: Sequence[MaskArg],
-        notes: str = "",
-        *,
-        base_model: BaseModelArg | None = None,
-        created_by: str | None = None,
-        dvc_stage: str | None = None,
-        git_rev: str | None = None,
+        self, name: str, refs: Sequence[MaskArg], notes: str = "", **details: Unpack[ReleaseDetails]
     ) -> tuple[Release, bool]:
         """``(release, created)``: the latest version of ``name`` when it has exactly these
         members (hence the same union), else a new version as :meth:`compose` makes it.
@@ -100,10 +89,7 @@ class ReleaseMixin:
             >>> reg.get_or_compose("safe-v1", ["nudity@3", "van-gogh@2"])
             (Release(name='safe-v1', version=2, ...), False)
         """
-        return self._compose(
-            name, refs, notes,
-            base_model=base_model, created_by=created_by, dvc_stage=dvc_stage, git_rev=git_rev, reuse_latest=True,
-        )
+        return self._compose(name, refs, notes, reuse_latest=True, **details)
 
     def _compose(
         self,
@@ -111,11 +97,11 @@ class ReleaseMixin:
         refs: Sequence[MaskArg],
         notes: str,
         *,
-        base_model: BaseModelArg | None,
-        created_by: str | None,
-        dvc_stage: str | None,
-        git_rev: str | None,
         reuse_latest: bool,
+        base_model: BaseModelArg | None = None,
+        created_by: str | None = None,
+        dvc_stage: str | None = None,
+        git_rev: str | None = None,
     ) -> tuple[Release, bool]:
         """:meth:`get_or_compose` (``reuse_latest``), else a new version whatever exists."""
         validate_name(name, "release name")

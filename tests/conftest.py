@@ -111,11 +111,13 @@ def literal_statistics(pipe, targets, references, *, steps, tau, guidance_scale,
     re-seeded with ``torch.manual_seed(seed)`` before every prompt and no generator passed. A
     forward hook on the *output* of every FeedForward's ``net.0`` (GEGLU in UNets, GELU in SD3)
     records X; denoiser calls are counted as steps; rows (every token of every batch row) are
-    L2-normalised and their squares summed per column, all in ``dtype`` (float64; float16 is the
-    reference code's arithmetic: X, the normalisation and the running sums in fp16). Returns
-    ``{"target": {...}, "reference": {...}}`` keyed by the ``net.2`` path the statistics belong
-    to. ``drop_unconditional`` (only to show a test can tell the difference) keeps the
-    conditional half of the guidance batch.
+    L2-normalised and their squares summed per column in ``dtype``. ``dtype=torch.float16`` is
+    the reference code's arithmetic instead: X and its normalisation in fp16, and per call the
+    column norms ``n`` of the rows accumulated as norms, ``c = n`` then ``c = sqrt(c² + n²)`` in
+    fp16 (its ``ColumnNormCalculator``), reported as ``c²``. Returns ``{"target": {...},
+    "reference": {...}}`` keyed by the ``net.2`` path the statistics belong to.
+    ``drop_unconditional`` (only to show a test can tell the difference) keeps the conditional
+    half of the guidance batch.
     """
     from diffusers.models.attention import FeedForward
 
@@ -124,6 +126,7 @@ def literal_statistics(pipe, targets, references, *, steps, tau, guidance_scale,
         f"{name}.net.2": module.net[0] for name, module in denoiser.named_modules() if isinstance(module, FeedForward)
     }
     sums = {"target": {}, "reference": {}}
+    norms = {"target": {}, "reference": {}}  # float16: the reference's running column norms per (layer, step)
     state = {"calls": 0, "set": None}
 
     def count_call(module, args, kwargs):
@@ -139,6 +142,10 @@ def literal_statistics(pipe, targets, references, *, steps, tau, guidance_scale,
                 x = x[x.shape[0] // 2 :]
             rows = x.reshape(-1, x.shape[-1])
             rows = rows / rows.norm(dim=1, keepdim=True)
+            if dtype is torch.float16:
+                new, running = rows.norm(dim=0), norms[state["set"]].get((layer, step))
+                norms[state["set"]][layer, step] = new if running is None else (running.square() + new.square()).sqrt()
+                return
             table = sums[state["set"]]
             table.setdefault(layer, torch.zeros(tau, rows.shape[1], dtype=dtype))
             table[layer][step] += rows.square().sum(0)
@@ -157,6 +164,9 @@ def literal_statistics(pipe, targets, references, *, steps, tau, guidance_scale,
     finally:
         for handle in handles:
             handle.remove()
+    for kind, running in norms.items():
+        for (layer, step), column_norms in running.items():
+            sums[kind].setdefault(layer, torch.zeros(tau, column_norms.shape[0], dtype=dtype))[step] = column_norms.square()
     return sums
 
 

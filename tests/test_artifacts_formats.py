@@ -140,7 +140,7 @@ def test_mask_round_trip_is_exact(seed):
     assert back.layer_shapes() == mask.layer_shapes()
     for name, layer in mask.layers.items():
         assert back.layers[name].equals(layer)
-        assert back.layers[name].indices.dtype == torch.int64 and back.layers[name].steps.dtype == torch.uint8
+        assert back.layers[name].indices.dtype == torch.int64 and back.layers[name].skill_counts.dtype == torch.uint8
 
 
 def test_mask_round_trip_keeps_empty_layers_and_empty_masks():
@@ -194,7 +194,7 @@ def test_mask_parquet_is_plain_and_documented():
     name = "mid_block.attentions.0.transformer_blocks.0.ff.net.2"
     layer = table.filter(pa.compute.equal(table.column("layer").cast(pa.string()), name))
     assert layer.column("index").to_pylist() == mask.layers[name].indices.tolist()
-    assert layer.column("steps").to_pylist() == mask.layers[name].steps.tolist()
+    assert layer.column("steps").to_pylist() == mask.layers[name].skill_counts.tolist()
 
     meta = pq.ParquetFile(io.BytesIO(data)).metadata
     header = json.loads(meta.metadata[b"cpreg"])
@@ -282,7 +282,7 @@ def test_tiny_valid_file_from_plain_pyarrow_is_accepted():
     # A file written by plain pyarrow (no special encodings, plain string layer) is fine too.
     plain = tiny_table().set_column(0, "layer", pa.array(["a", "a", "b"], pa.string()))
     mask = mask_from_bytes(write_parquet(plain, tiny_header()))
-    assert mask.layers["a"].indices.tolist() == [0, 5] and mask.layers["b"].steps.tolist() == [3]
+    assert mask.layers["a"].indices.tolist() == [0, 5] and mask.layers["b"].skill_counts.tolist() == [3]
     assert mask.layers["a"].shape == (2, 3)
 
 
@@ -323,7 +323,7 @@ def test_stats_round_trip_is_exact(seed):
     stats = random_stats(seed, steps=[1, 4, 10][seed])
     back = stats_from_bytes(stats_to_bytes(stats))
     assert_stats_equal(stats, back)
-    assert back.config == stats.config and back.steps == stats.steps
+    assert back.config == stats.config and back.recorded_steps == stats.recorded_steps
     assert back.layer_shapes == stats.layer_shapes
 
 

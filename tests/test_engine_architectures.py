@@ -63,9 +63,9 @@ def test_every_hook_point_on_tiny_sd(sd, snapshot_parameters, hook):
         module = root.get_submodule(name)  # a full module path inside the component
         assert isinstance(module, nn.Linear)
         assert layer.shape == tuple(module.weight.shape) == stats.layer_shapes[name]
-        assert stats.target[name].shape == (stats.steps, module.in_features)
+        assert stats.target[name].shape == (stats.recorded_steps, module.in_features)
         assert layer.count > 0, f"{hook}: empty mask for {name}"
-    assert stats.steps == (1 if hook == "text_mlp" else 2)
+    assert stats.recorded_steps == (1 if hook == "text_mlp" else 2)
     assert mask.hook == hook and mask.fingerprint == model_fingerprint(sd)
     assert mask.component_params == sum(p.numel() for p in root.parameters())
     # the mask applies to this pipeline and is undone exactly

@@ -35,7 +35,7 @@ def test_statistics_equal_the_literal_implementation(pipe, guidance_scale, liter
     ffn_names = set(hooked_layers(pipe, HookPoint.FFN_OUT).modules)
     assert set(stats.target) == set(literal["target"]) == ffn_names
     assert "mid_block.attentions.0.transformer_blocks.0.ff.net.2" in ffn_names
-    assert stats.steps == TAU
+    assert stats.recorded_steps == TAU
     for name in ffn_names:
         for ours, theirs in ((stats.target[name], literal["target"][name]), (stats.reference[name], literal["reference"][name])):
             assert ours.dtype == torch.float32 and ours.shape == theirs.shape
@@ -53,7 +53,7 @@ def test_statistics_equal_the_literal_implementation(pipe, guidance_scale, liter
         for name, layer in mask.layers.items():
             dense, counts = expected[name]
             assert torch.equal(layer.dense(), dense), name
-            assert torch.equal(layer.steps.to(torch.int64), counts.view(-1)[layer.indices]), name
+            assert torch.equal(layer.skill_counts.to(torch.int64), counts.view(-1)[layer.indices]), name
 
 
 def test_unconditional_half_is_part_of_the_statistics(pipe, literal_calibration):
@@ -113,7 +113,7 @@ def test_early_stop_equals_the_full_loop(pipe):
     """Stopping after step tau-1 gives the same first tau steps as recording all T steps."""
     full = calibrate(pipe, TARGETS, REFERENCES, CalibrationConfig(num_inference_steps=T, tau=T, batch_size=4))
     early = calibrate(pipe, TARGETS, REFERENCES, CalibrationConfig(num_inference_steps=T, tau=2, batch_size=4))
-    assert full.steps == T and early.steps == 2
+    assert full.recorded_steps == T and early.recorded_steps == 2
     for name in full.target:
         assert torch.equal(early.target[name], full.target[name][:2])
         assert torch.equal(early.reference[name], full.reference[name][:2])
@@ -141,7 +141,7 @@ def test_hooks_are_removed_and_pipeline_still_runs(pipe):
 def test_text_encoder_statistics_equal_a_literal_encoding(pipe):
     """``text_mlp``: one "step", the fc2 inputs of every padded token, target and reference sets."""
     stats = calibrate(pipe, TARGETS, REFERENCES, CalibrationConfig(hook="text_mlp", batch_size=3))
-    assert stats.steps == 1 and stats.component == "text_encoder"
+    assert stats.recorded_steps == 1 and stats.component == "text_encoder"
     sums = {}
 
     def record(name):

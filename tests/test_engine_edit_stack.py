@@ -27,6 +27,7 @@ from cpreg.editors import (
     restore_all,
     switch,
 )
+from cpreg.editors import edit as edit_module
 from cpreg.editors.edit import _indices_on
 
 
@@ -67,7 +68,7 @@ def _masks(pipe) -> dict[str, ConceptMask]:
         "text": _mask(pipe, text, text_small),
         "text-wide": _mask(pipe, text, {name: torch.cat([text_small[name], text_more[name]]) for name in text_small}),
     }
-    copy_layers = {name: LayerMask(layer.shape, layer.indices, layer.steps + 1) for name, layer in masks["release"].layers.items()}
+    copy_layers = {name: LayerMask(layer.shape, layer.indices, layer.skill_counts + 1) for name, layer in masks["release"].layers.items()}
     masks["release-copy"] = ConceptMask(copy_layers, unet.value, "unet", None, 10_000, {})
     return masks
 
@@ -110,8 +111,10 @@ def _edited_weights(pipe, masks) -> dict[tuple[str, str], torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize(("seed", "dtype"), [(0, torch.float32), (1, torch.float32), (2, torch.bfloat16)])
-def test_random_sequences_of_edits_keep_the_literal_state(tiny_pipeline, snapshot_parameters, seed, dtype):
+@pytest.mark.parametrize(("seed", "dtype", "region"), [(0, torch.float32, None), (1, torch.float32, 100), (2, torch.bfloat16, 100)])
+def test_random_sequences_of_edits_keep_the_literal_state(tiny_pipeline, snapshot_parameters, monkeypatch, seed, dtype, region):
+    if region is not None:  # tiny layers are smaller than one CPU region: make regions small
+        monkeypatch.setattr(edit_module, "_CPU_REGION", region)
     pipe = tiny_pipeline("sd", dtype=dtype)
     masks = _masks(pipe)
     everything = snapshot_parameters(pipe)

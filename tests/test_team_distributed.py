@@ -80,7 +80,7 @@ def test_two_gloo_processes_equal_one(tmp_path, tiny_pipeline):
     for stats in ranks:
         assert (stats.num_target_prompts, stats.num_reference_prompts) == (len(TARGETS), len(REFERENCES))
         assert stats.fingerprint == single.fingerprint and stats.layer_shapes == single.layer_shapes
-        assert stats.config == single.config and stats.steps == single.steps
+        assert stats.config == single.config and stats.recorded_steps == single.recorded_steps
         for name in single.layer_shapes:
             assert torch.equal(stats.target[name], ranks[0].target[name])  # every rank: the same sums
             torch.testing.assert_close(stats.target[name], single.target[name], rtol=1e-5, atol=1e-6)

@@ -117,7 +117,7 @@ def planted(samples: int, seed: int, steps: int, hooks: list[str], ratios: list[
         weights = {name: m.weight for name, m in hooked_layers(pipe, hook).modules.items()}
         rows = []
         for ratio in ratios:
-            mask = derive_mask(stats, weights, skill_ratio=ratio, tau=min(tau, stats.steps))
+            mask = derive_mask(stats, weights, skill_ratio=ratio, tau=min(tau, stats.recorded_steps))
             row = {"skill_ratio": ratio, "masked": mask.num_masked, "fraction_of_component": mask.fraction}
             if hook in truth:
                 row.update(precision_recall(mask, truth[hook], delta[hook], rows_are_neurons=hook == "ffn_in"))
