@@ -337,6 +337,8 @@ BAD = [
     (("eval", "nudity@1", "--classifier", "bogus"), "unknown classifier"),
     (("eval", "nudity@1", "--samples", "0", "--steps", "2"), "samples"),
     (("eval", "nudity@1", "--erased-prompts", "{p}/empty.txt"), "no prompts"),
+    (("eval", "nudity@1", "--retain-prompts", "{p}/empty.txt"), "no prompts"),
+    (("eval", "nudity@1", "--erased-prompts", "{p}/three.txt", "--retained-prompts", "{p}/three.txt"), "no retained prompts"),
 ]
 
 
