@@ -110,7 +110,7 @@ def run_literal(pipe, targets, references, args) -> dict:
 def bench_per_call(pipe, targets, references, args) -> dict:
     """Hook overhead per denoiser call: one UNet forward on a fixed guidance batch, alternately with
     and without the engine's recording hooks (the same ones ``calibrate`` registers), many times."""
-    from cpreg.editors.calibrate import _Recorder
+    from cpreg.editors.calibration import _Recorder
     from cpreg.editors.hooks import hooked_layers
 
     items = (targets + references)[: args.batch_size]

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 import torch
 
 from cpreg.editors import CalibrationConfig
-from cpreg.editors.calibrate import _pipeline_kwargs
+from cpreg.editors.calibration import _pipeline_kwargs
 from cpreg.editors.stats import ActivationStats
 
 THINGS = ["dog", "cat", "house", "tree", "car", "church", "city street", "landscape", "man", "woman", "red circle", "blue square"]

@@ -6,7 +6,7 @@ a caller touches are imported.
 
 Example:
     >>> # in a package's __init__.py
-    >>> __getattr__ = lazy_exports(__name__, {"calibrate": ".calibrate", "Fill": ".options"})
+    >>> __getattr__ = lazy_exports(__name__, {"calibrate": ".calibration", "Fill": ".options"})
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from ..lazy import lazy_exports
 
 #: Every public name and the submodule it lives in; importing the package imports none of them.
 _EXPORTS = {
-    "calibrate": ".calibrate",
+    "calibrate": ".calibration",
     "Fill": ".options",
     "ActiveEdit": ".edit",
     "EditStackError": ".edit",

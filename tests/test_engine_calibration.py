@@ -204,3 +204,21 @@ def test_calibration_config_round_trips():
 def test_calibrate_rejects_bad_prompts(pipe, targets, references):
     with pytest.raises(ValueError, match="prompts"):
         calibrate(pipe, targets, references, CalibrationConfig(num_inference_steps=2, tau=1))
+
+
+def test_the_calibrate_export_is_the_function_whatever_was_imported_first():
+    """No editors submodule shares a name with an export: importing every submodule first (as the
+    benchmarks do) must not turn ``cpreg.editors.calibrate`` into a module."""
+    import importlib
+    import pkgutil
+    import subprocess
+    import sys
+
+    import cpreg.editors
+
+    modules = [f"cpreg.editors.{info.name}" for info in pkgutil.iter_modules(cpreg.editors.__path__)]
+    assert not set(name.rsplit(".", 1)[1] for name in modules) & set(cpreg.editors.__all__)
+    code = "; ".join(f"import {name}" for name in modules) + "; from cpreg.editors import calibrate; print(callable(calibrate))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "True", result.stderr[-2000:]
+    assert importlib.import_module("cpreg.editors").calibrate.__module__ == "cpreg.editors.calibration"
